@@ -1,0 +1,70 @@
+//! Per-worker slots: each written by its own worker only (single writer),
+//! read by the master. Cache-line aligned, so workers never contend.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::Region;
+use crate::atomic_mem::u64_at;
+use crate::layout::{MAX_WORKERS, SLOT_SIZE};
+
+const OFF_PID: usize = 0;
+const OFF_APPLIED: usize = 8;
+const OFF_REQUESTS: usize = 16;
+
+/// A view of worker slot `index`.
+pub struct WorkerSlot<'r> {
+    base: *mut u8,
+    _region: std::marker::PhantomData<&'r Region>,
+}
+
+impl Region {
+    /// Slot `index` (`< MAX_WORKERS`), or `None` past the last.
+    pub fn worker_slot(&self, index: usize) -> Option<WorkerSlot<'_>> {
+        (index < MAX_WORKERS).then(|| WorkerSlot {
+            // SAFETY: slot zone bounds come from the layout of this mapping.
+            base: unsafe { self.base().add(self.layout().slots_off + index * SLOT_SIZE) },
+            _region: std::marker::PhantomData,
+        })
+    }
+}
+
+impl WorkerSlot<'_> {
+    fn word(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: the slot is SLOT_SIZE bytes inside the mapping, which
+        // outlives this view; offsets are 8-aligned and below SLOT_SIZE.
+        unsafe { u64_at(self.base, off) }
+    }
+
+    /// Called by the master before it starts a worker in this slot.
+    pub fn reset(&self, pid: u32) {
+        self.word(OFF_APPLIED).store(0, Ordering::Relaxed);
+        self.word(OFF_REQUESTS).store(0, Ordering::Relaxed);
+        self.word(OFF_PID).store(u64::from(pid), Ordering::Release);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.word(OFF_PID).load(Ordering::Acquire) as u32
+    }
+
+    pub fn set_pid(&self, pid: u32) {
+        self.word(OFF_PID).store(u64::from(pid), Ordering::Release);
+    }
+
+    /// The configuration generation this worker has applied.
+    pub fn applied(&self) -> u64 {
+        self.word(OFF_APPLIED).load(Ordering::Acquire)
+    }
+
+    pub fn set_applied(&self, generation: u64) {
+        self.word(OFF_APPLIED).store(generation, Ordering::Release);
+    }
+
+    /// Requests this worker has answered.
+    pub fn requests(&self) -> u64 {
+        self.word(OFF_REQUESTS).load(Ordering::Relaxed)
+    }
+
+    pub fn count_request(&self) {
+        self.word(OFF_REQUESTS).fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,215 @@
+//! The admin API's requests and answers, as pure functions over the store.
+
+use std::sync::Mutex;
+
+use serde_json::{Map, Value, json};
+
+use elb_workers::upstream::parse_peer_value;
+
+use crate::store::Store;
+
+/// An answer: status and JSON body.
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+}
+
+fn ok() -> Answer {
+    Answer {
+        status: 200,
+        body: json!({"msg": "OK"}),
+    }
+}
+
+fn error(status: u16, msg: impl Into<String>) -> Answer {
+    Answer {
+        status,
+        body: json!({"error": msg.into()}),
+    }
+}
+
+pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -> Answer {
+    let path = target.split(|b| *b == b'?').next().unwrap_or(target);
+    let path = path.strip_suffix(b"/").unwrap_or(path);
+    let resource = match path {
+        b"/__erulb__/domain" => Resource::Domain,
+        b"/__erulb__/upstream" => Resource::Upstream,
+        b"/__erulb__/dump" => Resource::Dump,
+        _ => return error(404, "no such admin path"),
+    };
+    let Ok(mut store) = store.lock() else {
+        return error(500, "the configuration store is unavailable");
+    };
+    match (resource, method) {
+        (Resource::Domain, b"GET") => Answer {
+            status: 200,
+            body: Value::Object(
+                store
+                    .domains()
+                    .iter()
+                    .map(|(d, r)| (d.clone(), r.clone()))
+                    .collect(),
+            ),
+        },
+        (Resource::Domain, b"PUT") => put_domains(&mut store, body),
+        (Resource::Domain, b"DELETE") => match names(body) {
+            Ok(names) => {
+                store.delete_domains(&names);
+                ok()
+            }
+            Err(e) => e,
+        },
+        (Resource::Upstream, b"GET") => get_upstreams(&store),
+        (Resource::Upstream, b"PUT") => put_upstreams(&mut store, body),
+        (Resource::Upstream, b"DELETE") => match names(body) {
+            Ok(names) => {
+                let found = store.delete_upstreams(&names);
+                let body: Map<String, Value> = names
+                    .into_iter()
+                    .zip(found)
+                    .map(|(n, f)| (n, if f { Value::Bool(true) } else { json!(404) }))
+                    .collect();
+                Answer {
+                    status: 200,
+                    body: Value::Object(body),
+                }
+            }
+            Err(e) => e,
+        },
+        (Resource::Dump, b"PUT") => error(
+            503,
+            "dump needs etcd, which this build does not talk to yet",
+        ),
+        _ => error(405, "method not allowed on this path"),
+    }
+}
+
+enum Resource {
+    Domain,
+    Upstream,
+    Dump,
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, Answer> {
+    serde_json::from_slice(body).map_err(|e| error(400, format!("body is not JSON: {e}")))
+}
+
+fn names(body: &[u8]) -> Result<Vec<String>, Answer> {
+    match parse_json(body)? {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                other => Err(error(
+                    400,
+                    format!("expected a list of names, found {other}"),
+                )),
+            })
+            .collect(),
+        _ => Err(error(400, "expected a JSON list of names")),
+    }
+}
+
+fn put_domains(store: &mut Store, body: &[u8]) -> Answer {
+    let sets = match parse_json(body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return error(400, "expected a JSON object {domain: ruleset}"),
+        Err(e) => return e,
+    };
+    match store.set_domains(sets.into_iter().collect()) {
+        Ok(()) => ok(),
+        Err(e) => error(400, e.to_string()),
+    }
+}
+
+fn put_upstreams(store: &mut Store, body: &[u8]) -> Answer {
+    let ups = match parse_json(body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return error(
+                400,
+                "expected a JSON object {upstream: {\"host:port\": \"params\"}}",
+            );
+        }
+        Err(e) => return e,
+    };
+    let mut parsed = Vec::with_capacity(ups.len());
+    for (name, peers) in ups {
+        let Value::Object(peers) = peers else {
+            return error(
+                400,
+                format!("upstream '{name}': expected an object {{\"host:port\": \"params\"}}"),
+            );
+        };
+        let mut list = Vec::with_capacity(peers.len());
+        for (addr, params) in peers {
+            let raw = match &params {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                Value::Object(_) => params.to_string(),
+                other => {
+                    return error(
+                        400,
+                        format!(
+                            "upstream '{name}', peer '{addr}': parameters must be a string, found {other}"
+                        ),
+                    );
+                }
+            };
+            match parse_peer_value(&raw) {
+                Ok(p) => list.push((addr, p)),
+                Err(e) => return error(400, format!("upstream '{name}', peer '{addr}': {e}")),
+            }
+        }
+        parsed.push((name, list));
+    }
+    match store.set_upstreams(parsed) {
+        Ok(()) => ok(),
+        Err(e) => error(400, e.to_string()),
+    }
+}
+
+fn get_upstreams(store: &Store) -> Answer {
+    let body: Map<String, Value> = store
+        .upstreams()
+        .iter()
+        .map(|(name, up)| {
+            let peers: Vec<Value> = up
+                .peers
+                .iter()
+                .map(|(peer_name, p)| {
+                    let mut v = json!({
+                        "addr": p.addr.to_string(),
+                        "name": peer_name,
+                        "weight": p.params.weight,
+                        "max_fails": p.params.max_fails,
+                        "fail_timeout": p.params.fail_timeout_ms as f64 / 1000.0,
+                        "backup": p.params.backup,
+                        "down": p.params.down,
+                    });
+                    if let Some(obj) = v.as_object_mut() {
+                        if p.params.fail_timeout_ms % 1000 == 0 {
+                            obj.insert(
+                                "fail_timeout".into(),
+                                json!(p.params.fail_timeout_ms / 1000),
+                            );
+                        }
+                        if let Some(u) = &p.params.check_url {
+                            obj.insert("check_url".into(), json!(u));
+                        }
+                        if p.params.slow_start_s > 0 {
+                            obj.insert("slow_start".into(), json!(p.params.slow_start_s));
+                        }
+                        obj.insert("status".into(), json!(p.params.status));
+                    }
+                    v
+                })
+                .collect();
+            (name.clone(), Value::Array(peers))
+        })
+        .collect();
+    Answer {
+        status: 200,
+        body: Value::Object(body),
+    }
+}

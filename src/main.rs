@@ -1,0 +1,49 @@
+//! `elb`: the master process, and (re-executed as `elb worker`) a worker.
+
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+mod listeners;
+mod logging;
+mod settings;
+mod spawn;
+mod supervisor;
+
+use std::process::ExitCode;
+
+use settings::{Command, SettingsError};
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("worker") {
+        logging::init("worker");
+        return match elb_workers::WorkerArgs::from_env() {
+            Ok(a) => exit(elb_workers::run(a)),
+            Err(e) => {
+                eprintln!("elb: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    match settings::from_args_and_env(args, |k| std::env::var(k).ok()) {
+        Ok(Command::Help) => {
+            print!("{}", settings::USAGE);
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Version) => {
+            println!("elb {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Run(s)) => {
+            logging::init("master");
+            exit(supervisor::run(*s))
+        }
+        Err(e @ (SettingsError::Invalid { .. } | SettingsError::Usage(_))) => {
+            eprintln!("elb: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}

@@ -1,0 +1,338 @@
+//! The master's model of the configuration: rule sets by domain, upstreams
+//! by name. Every change is validated whole, written to the region's
+//! configuration store and published in one generation, then the workers
+//! are woken. The admin API and the etcd watcher both change it through
+//! here, one at a time (the caller holds the store's mutex).
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use nix::sys::eventfd::EventFd;
+use serde_json::Value;
+
+use elb_shm::Region;
+use elb_shm::config::{ConfigError, ConfigWriter};
+use elb_workers::balance::smooth_wrr_schedule;
+use elb_workers::published::{PeerRecord, UpstreamRecord, domain_key, upstream_key};
+use elb_workers::rules::RuleSet;
+use elb_workers::upstream::{PeerParams, split_host_port};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("domain '{domain}': {reason}")]
+    Domain { domain: String, reason: String },
+    #[error("upstream '{upstream}': {reason}")]
+    Upstream { upstream: String, reason: String },
+    #[error("{0}")]
+    Full(#[from] ConfigError),
+    #[error("no state slot left for upstream peers; raise --shm-size")]
+    NoStateSlot,
+}
+
+/// A peer as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub params: PeerParams,
+    slot: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// By the name given (`localhost:8088`), in order.
+    pub peers: BTreeMap<String, Peer>,
+    cursor_slot: u32,
+}
+
+pub struct Store {
+    writer: ConfigWriter<'static>,
+    region: &'static Region,
+    wakes: Vec<Arc<EventFd>>,
+    domains: BTreeMap<String, Value>,
+    upstreams: BTreeMap<String, Upstream>,
+    slots: SlotPool,
+}
+
+impl Store {
+    pub fn new(region: &'static Region, wakes: Vec<Arc<EventFd>>) -> Store {
+        Store {
+            writer: ConfigWriter::new(region),
+            region,
+            wakes,
+            domains: BTreeMap::new(),
+            upstreams: BTreeMap::new(),
+            slots: SlotPool::new(region.state_slots()),
+        }
+    }
+
+    pub fn domains(&self) -> &BTreeMap<String, Value> {
+        &self.domains
+    }
+
+    pub fn upstreams(&self) -> &BTreeMap<String, Upstream> {
+        &self.upstreams
+    }
+
+    /// Sets rule sets; all are validated before any is applied.
+    pub fn set_domains(&mut self, sets: Vec<(String, Value)>) -> Result<(), StoreError> {
+        for (domain, rules) in &sets {
+            check_domain(domain)?;
+            RuleSet::from_json(rules).map_err(|e| StoreError::Domain {
+                domain: domain.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        for (domain, rules) in sets {
+            let domain = domain.to_ascii_lowercase();
+            self.writer
+                .put(&domain_key(&domain), rules.to_string().as_bytes())?;
+            self.domains.insert(domain, rules);
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Removes rule sets; returns, per name, whether it existed.
+    pub fn delete_domains(&mut self, domains: &[String]) -> Vec<bool> {
+        let found = domains
+            .iter()
+            .map(|d| {
+                let d = d.to_ascii_lowercase();
+                self.writer.delete(&domain_key(&d));
+                self.domains.remove(&d).is_some()
+            })
+            .collect();
+        self.publish();
+        found
+    }
+
+    /// Replaces the peer lists of the named upstreams; every address is
+    /// resolved and every parameter parsed before anything is applied.
+    pub fn set_upstreams(
+        &mut self,
+        ups: Vec<(String, Vec<(String, PeerParams)>)>,
+    ) -> Result<(), StoreError> {
+        let mut resolved = Vec::with_capacity(ups.len());
+        for (name, peers) in ups {
+            check_upstream_name(&name)?;
+            let mut list = BTreeMap::new();
+            for (peer_name, params) in peers {
+                let addr = resolve(&peer_name).map_err(|reason| StoreError::Upstream {
+                    upstream: name.clone(),
+                    reason,
+                })?;
+                list.insert(peer_name, (addr, params));
+            }
+            resolved.push((name, list));
+        }
+        let needed: usize = resolved
+            .iter()
+            .map(|(n, l)| l.len() + usize::from(!self.upstreams.contains_key(n)))
+            .sum();
+        if needed > self.slots.available() {
+            return Err(StoreError::NoStateSlot);
+        }
+        for (name, list) in resolved {
+            let old = self.upstreams.remove(&name);
+            let cursor_slot = old
+                .as_ref()
+                .map(|u| u.cursor_slot)
+                .or_else(|| self.slots.take(self.region))
+                .ok_or(StoreError::NoStateSlot)?;
+            let mut old_peers = old.map(|u| u.peers).unwrap_or_default();
+            let mut peers = BTreeMap::new();
+            for (peer_name, (addr, params)) in list {
+                // A peer that stays keeps its state (failures, time out).
+                let slot = match old_peers.remove(&peer_name) {
+                    Some(p) if p.addr == addr => p.slot,
+                    Some(p) => {
+                        self.slots.retire(p.slot, self.writer.generation());
+                        self.slots
+                            .take(self.region)
+                            .ok_or(StoreError::NoStateSlot)?
+                    }
+                    None => self
+                        .slots
+                        .take(self.region)
+                        .ok_or(StoreError::NoStateSlot)?,
+                };
+                peers.insert(peer_name, Peer { addr, params, slot });
+            }
+            for p in old_peers.values() {
+                self.slots.retire(p.slot, self.writer.generation());
+            }
+            let up = Upstream { peers, cursor_slot };
+            self.writer.put(&upstream_key(&name), &record(&up))?;
+            self.upstreams.insert(name, up);
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Removes upstreams; returns, per name, whether it existed.
+    pub fn delete_upstreams(&mut self, names: &[String]) -> Vec<bool> {
+        let found = names
+            .iter()
+            .map(|n| {
+                self.writer.delete(&upstream_key(n));
+                match self.upstreams.remove(n) {
+                    Some(up) => {
+                        let g = self.writer.generation();
+                        self.slots.retire(up.cursor_slot, g);
+                        for p in up.peers.values() {
+                            self.slots.retire(p.slot, g);
+                        }
+                        true
+                    }
+                    None => false,
+                }
+            })
+            .collect();
+        self.publish();
+        found
+    }
+
+    fn publish(&mut self) {
+        let generation = self.writer.publish();
+        for w in &self.wakes {
+            // A full counter (never in practice) still wakes the worker.
+            let _ = nix::unistd::write(w.as_fd(), &1u64.to_ne_bytes());
+        }
+        // Slots retired before every live worker applied a later generation
+        // may still be written by a worker's old view: free them only after.
+        let oldest = (0..elb_shm::MAX_WORKERS)
+            .filter_map(|i| self.region.worker_slot(i))
+            .filter(|s| s.pid() != 0)
+            .map(|s| s.applied())
+            .min()
+            .unwrap_or(generation);
+        self.slots.release_before(oldest, self.region);
+    }
+}
+
+fn record(up: &Upstream) -> Vec<u8> {
+    let peers: Vec<PeerRecord> = up
+        .peers
+        .iter()
+        .map(|(name, p)| PeerRecord {
+            name: name.clone(),
+            addr: p.addr,
+            slot: p.slot,
+            max_fails: p.params.max_fails,
+            fail_timeout_ms: p.params.fail_timeout_ms,
+            available: p.params.is_available(),
+        })
+        .collect();
+    let weights = |backup: bool| -> Vec<u32> {
+        up.peers
+            .values()
+            .map(|p| {
+                if p.params.backup == backup && p.params.is_available() {
+                    p.params.weight
+                } else {
+                    0
+                }
+            })
+            .collect()
+    };
+    let rec = UpstreamRecord {
+        cursor_slot: up.cursor_slot,
+        peers,
+        schedule: smooth_wrr_schedule(&weights(false)),
+        backup_schedule: smooth_wrr_schedule(&weights(true)),
+    };
+    // Plain structs of strings and numbers always serialise.
+    serde_json::to_vec(&rec).unwrap_or_default()
+}
+
+fn check_domain(d: &str) -> Result<(), StoreError> {
+    let ok = !d.is_empty()
+        && d.len() <= 255
+        && d.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'*'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Domain {
+            domain: d.to_string(),
+            reason: "not a host name".into(),
+        })
+    }
+}
+
+fn check_upstream_name(n: &str) -> Result<(), StoreError> {
+    let ok =
+        !n.is_empty() && n.len() <= 255 && !n.bytes().any(|b| b.is_ascii_whitespace() || b == b'/');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Upstream {
+            upstream: n.to_string(),
+            reason: "not a name (1 to 255 bytes, no space or '/')".into(),
+        })
+    }
+}
+
+/// Resolves `host:port` now, as the original did when a peer was set.
+fn resolve(peer: &str) -> Result<SocketAddr, String> {
+    let (host, port) = split_host_port(peer).map_err(|e| e.to_string())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve '{peer}': {e}"))?
+        .next()
+        .ok_or_else(|| format!("'{peer}' resolves to no address"))
+}
+
+/// State slots handed out by the master; a retired slot is reused only
+/// once every worker has moved past the generation that dropped it.
+struct SlotPool {
+    free: Vec<u32>,
+    next: u32,
+    limit: u32,
+    retired: Vec<(u32, u64)>,
+}
+
+impl SlotPool {
+    fn new(limit: usize) -> SlotPool {
+        SlotPool {
+            free: Vec::new(),
+            next: 0,
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            retired: Vec::new(),
+        }
+    }
+
+    fn available(&self) -> usize {
+        self.free.len() + (self.limit - self.next) as usize
+    }
+
+    fn take(&mut self, region: &Region) -> Option<u32> {
+        let slot = self.free.pop().or_else(|| {
+            (self.next < self.limit).then(|| {
+                self.next += 1;
+                self.next - 1
+            })
+        })?;
+        if let Some(s) = region.state_slot(slot as usize) {
+            s.clear();
+        }
+        Some(slot)
+    }
+
+    /// `slot` is unused from the generation after `generation` on.
+    fn retire(&mut self, slot: u32, generation: u64) {
+        self.retired.push((slot, generation + 1));
+    }
+
+    fn release_before(&mut self, applied_by_all: u64, _region: &Region) {
+        let (ready, wait): (Vec<_>, Vec<_>) = self
+            .retired
+            .drain(..)
+            .partition(|(_, g)| *g <= applied_by_all);
+        self.retired = wait;
+        self.free.extend(ready.into_iter().map(|(s, _)| s));
+    }
+}

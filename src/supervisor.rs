@@ -1,0 +1,343 @@
+//! The master's main thread: creates the region and the listeners, starts
+//! the workers, restarts any that die, and stops them on a signal.
+//!
+//! Signals are read from a signalfd (blocked before any thread exists, so
+//! every later thread inherits the mask and none runs a handler). Workers
+//! are spawned from this thread only: the parent-death signal that takes
+//! them down with the master is tied to the thread that forked them.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use elb_shm::Region;
+use elb_workers::WorkerArgs;
+use elb_workers::args::{Limits, Timeouts};
+
+use crate::listeners;
+use crate::settings::Settings;
+use crate::spawn;
+
+/// A worker that dies sooner than this after its start counts as crashing.
+const QUICK_EXIT: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+struct Slot {
+    pid: Option<Pid>,
+    started: Instant,
+    /// Consecutive quick exits.
+    crashes: u32,
+    start_at: Option<Instant>,
+    wake: EventFd,
+    listeners: Vec<OwnedFd>,
+}
+
+/// Runs the master until it is stopped; returns the exit code.
+pub fn run(settings: Settings) -> i32 {
+    let signals = match block_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("signals: {e}");
+            return 1;
+        }
+    };
+    let region: &'static Region = match Region::create(settings.shm_size) {
+        Ok(r) => Box::leak(Box::new(r)),
+        Err(e) => {
+            log::error!("{e}");
+            return 1;
+        }
+    };
+    let sockets = match listeners::bind_all(&settings.listen, settings.workers) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("elb: {e}");
+            return 1;
+        }
+    };
+    let mut slots = Vec::with_capacity(settings.workers);
+    for socks in sockets {
+        let wake = match EventFd::from_value_and_flags(
+            0,
+            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+        ) {
+            Ok(w) => w,
+            Err(e) => {
+                log::error!("eventfd: {e}");
+                return 1;
+            }
+        };
+        slots.push(Slot {
+            pid: None,
+            started: Instant::now(),
+            crashes: 0,
+            start_at: Some(Instant::now()),
+            wake,
+            listeners: socks.into_iter().map(OwnedFd::from).collect(),
+        });
+    }
+    let addrs: Vec<String> = settings.listen.iter().map(ToString::to_string).collect();
+    log::info!(
+        "listening on {} with {} workers, region {} MiB",
+        addrs.join(", "),
+        settings.workers,
+        settings.shm_size >> 20
+    );
+    Supervisor {
+        settings,
+        region,
+        slots,
+        signals,
+    }
+    .run()
+}
+
+fn block_signals() -> nix::Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block()?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+}
+
+enum Stop {
+    Graceful,
+    Now,
+}
+
+struct Supervisor {
+    settings: Settings,
+    region: &'static Region,
+    slots: Vec<Slot>,
+    signals: SignalFd,
+}
+
+impl Supervisor {
+    fn run(mut self) -> i32 {
+        let stop = loop {
+            self.start_due();
+            let timeout = self.next_start_in();
+            if let Some(stop) = self.wait_signals(timeout) {
+                break stop;
+            }
+        };
+        self.stop(stop);
+        0
+    }
+
+    fn worker_args(&self, index: usize) -> WorkerArgs {
+        let s = &self.settings;
+        let slot = &self.slots[index];
+        let ms = |d: Duration| d.as_millis() as u64;
+        WorkerArgs {
+            index,
+            master_pid: std::process::id(),
+            shm_fd: self.region.fd().as_raw_fd(),
+            wake_fd: slot.wake.as_fd().as_raw_fd(),
+            listen_fds: slot.listeners.iter().map(AsRawFd::as_raw_fd).collect(),
+            limits: Limits {
+                client_max_body_size: s.limits.client_max_body_size,
+                max_header_size: s.limits.max_header_size as usize,
+            },
+            timeouts: Timeouts {
+                connect_ms: ms(s.timeouts.connect),
+                upstream_read_ms: ms(s.timeouts.upstream_read),
+                client_header_ms: ms(s.timeouts.client_header),
+                client_body_ms: ms(s.timeouts.client_body),
+                keepalive_ms: ms(s.timeouts.keepalive),
+            },
+            shutdown_timeout_ms: ms(s.shutdown_timeout),
+        }
+    }
+
+    fn start_due(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            if self.slots[i].pid.is_some() || self.slots[i].start_at.is_none_or(|t| t > now) {
+                continue;
+            }
+            let args = self.worker_args(i);
+            if let Some(slot) = self.region.worker_slot(i) {
+                slot.reset(0);
+            }
+            let slot = &mut self.slots[i];
+            match spawn::worker(&args) {
+                Ok(pid) => {
+                    slot.pid = Some(pid);
+                    slot.started = now;
+                    slot.start_at = None;
+                    log::debug!("worker {i} started, pid {pid}");
+                }
+                Err(e) => {
+                    slot.crashes += 1;
+                    let delay = backoff(slot.crashes);
+                    log::error!("cannot start worker {i}: {e}; retrying in {delay:?}");
+                    slot.start_at = Some(now + delay);
+                }
+            }
+        }
+    }
+
+    fn next_start_in(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.slots
+            .iter()
+            .filter(|s| s.pid.is_none())
+            .filter_map(|s| s.start_at)
+            .min()
+            .map(|t| t.saturating_duration_since(now))
+    }
+
+    /// Waits for signals up to `timeout`; returns a stop request if one came.
+    fn wait_signals(&mut self, timeout: Option<Duration>) -> Option<Stop> {
+        let timeout = match timeout {
+            Some(d) => {
+                PollTimeout::try_from(d.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::NONE,
+        };
+        let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => log::warn!("poll: {e}"),
+        }
+        let mut stop = None;
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) => self.reap(),
+                Ok(Signal::SIGTERM | Signal::SIGINT) => stop = stop.or(Some(Stop::Graceful)),
+                Ok(Signal::SIGQUIT) => stop = Some(Stop::Now),
+                Ok(Signal::SIGHUP) => {
+                    log::info!("SIGHUP ignored: configuration changes need no signal")
+                }
+                _ => {}
+            }
+        }
+        stop
+    }
+
+    /// Collects every exited child and schedules its replacement.
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(s) => s,
+            };
+            let (pid, how) = match status {
+                WaitStatus::Exited(pid, code) => (pid, format!("exit code {code}")),
+                WaitStatus::Signaled(pid, sig, _) => (pid, format!("signal {sig}")),
+                _ => continue,
+            };
+            let Some(i) = self.slots.iter().position(|s| s.pid == Some(pid)) else {
+                continue;
+            };
+            let slot = &mut self.slots[i];
+            slot.pid = None;
+            let lived = slot.started.elapsed();
+            slot.crashes = if lived < QUICK_EXIT {
+                slot.crashes + 1
+            } else {
+                0
+            };
+            let delay = backoff(slot.crashes);
+            slot.start_at = Some(Instant::now() + delay);
+            if delay.is_zero() {
+                log::warn!("worker {i} (pid {pid}) ended by {how} after {lived:.1?}; restarting");
+            } else {
+                log::error!(
+                    "worker {i} (pid {pid}) ended by {how} after {lived:.1?}, {} quick exits in a row; restarting in {delay:?}",
+                    slot.crashes
+                );
+            }
+        }
+    }
+
+    fn stop(mut self, how: Stop) {
+        // Closing the master's copies of the listeners first: once the
+        // workers drop theirs, new connections are refused.
+        for slot in &mut self.slots {
+            slot.listeners.clear();
+        }
+        let (signal, grace) = match how {
+            Stop::Graceful => (
+                Signal::SIGTERM,
+                self.settings.shutdown_timeout + Duration::from_secs(1),
+            ),
+            Stop::Now => (Signal::SIGQUIT, Duration::from_millis(500)),
+        };
+        log::info!("stopping workers ({signal})");
+        for slot in &self.slots {
+            if let Some(pid) = slot.pid {
+                let _ = kill(pid, signal);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while self.slots.iter().any(|s| s.pid.is_some()) && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(
+                &mut fds,
+                PollTimeout::try_from(left.as_millis().min(1000) as i32)
+                    .unwrap_or(PollTimeout::ZERO),
+            );
+            while let Ok(Some(_)) = self.signals.read_signal() {}
+            self.reap_all();
+        }
+        for slot in &self.slots {
+            if let Some(pid) = slot.pid {
+                log::warn!("worker pid {pid} did not stop in time; killing it");
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+            }
+        }
+        log::info!("stopped");
+    }
+
+    /// Reaps without scheduling restarts (while stopping).
+    fn reap_all(&mut self) {
+        while let Ok(status) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            let Some(pid) = status.pid() else { return };
+            for slot in &mut self.slots {
+                if slot.pid == Some(pid) {
+                    slot.pid = None;
+                }
+            }
+        }
+    }
+}
+
+/// Delay before restarting a worker after `crashes` quick exits in a row:
+/// at once for the first, then doubling from 100 ms up to 5 s.
+fn backoff(crashes: u32) -> Duration {
+    match crashes {
+        0 | 1 => Duration::ZERO,
+        n => (Duration::from_millis(100) * 2u32.saturating_pow(n - 2)).min(MAX_BACKOFF),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_at_once_and_is_capped() {
+        assert_eq!(backoff(1), Duration::ZERO);
+        assert_eq!(backoff(2), Duration::from_millis(100));
+        assert_eq!(backoff(3), Duration::from_millis(200));
+        assert_eq!(backoff(30), MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,7 @@
+//! The one HTTP/1.x implementation of the project: the workers' proxy and
+//! the master's admin API both parse and write with these modules.
+
+pub mod parse;
+pub mod write;
+
+pub use parse::{BodyKind, ParseError, RequestHead, parse_request};

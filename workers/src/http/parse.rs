@@ -1,0 +1,268 @@
+//! Request-head parsing over a connection's read buffer, without copying:
+//! the head records byte ranges of the buffer. Every rejection is decided
+//! here, as a [`ParseError`] that knows its status code.
+
+use std::ops::Range;
+
+/// Header slots httparse may fill. The real limit is the header section's
+/// size (`max_header_size`); this only bounds the count (4 KiB of stack).
+const MAX_HEADERS: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("request header section too large")]
+    TooLarge,
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    #[error("ambiguous request framing: {0}")]
+    Framing(&'static str),
+}
+
+impl ParseError {
+    /// The status to answer with; the connection is closed after it.
+    pub fn status(self) -> u16 {
+        match self {
+            ParseError::TooLarge => 431,
+            ParseError::Malformed(_) | ParseError::Framing(_) => 400,
+        }
+    }
+}
+
+/// How the body of a request is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head; ranges index the buffer it was parsed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Bytes of the head, including the blank line.
+    pub len: usize,
+    pub method: Range<usize>,
+    /// Path and query as sent (origin form), or the absolute URI.
+    pub target: Range<usize>,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    pub host: Option<Range<usize>>,
+    pub user_agent: Option<Range<usize>>,
+    pub body: BodyKind,
+    /// Whether the client wants the connection kept after this exchange.
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+    pub upgrade: bool,
+    /// Every header as (name, value) ranges, in order.
+    pub headers: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl RequestHead {
+    pub fn method<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        &buf[self.method.clone()]
+    }
+    pub fn target<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        &buf[self.target.clone()]
+    }
+}
+
+fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// Parses the head at the start of `buf`. `Ok(None)`: not complete yet (and
+/// still under `max_size`).
+pub fn parse_request(buf: &[u8], max_size: usize) -> Result<Option<RequestHead>, ParseError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n > max_size => return Err(ParseError::TooLarge),
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= max_size => return Err(ParseError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(ParseError::TooLarge),
+        Err(httparse::Error::Version) => return Err(ParseError::Malformed("HTTP version")),
+        Err(httparse::Error::Token) => return Err(ParseError::Malformed("method or header name")),
+        Err(httparse::Error::HeaderName) => return Err(ParseError::Malformed("header name")),
+        Err(httparse::Error::HeaderValue) => return Err(ParseError::Malformed("header value")),
+        Err(_) => return Err(ParseError::Malformed("request line")),
+    };
+    let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(ParseError::Malformed("request line"));
+    };
+    let mut head = RequestHead {
+        len,
+        method: range_of(buf, method.as_bytes()),
+        target: range_of(buf, path.as_bytes()),
+        minor_version: minor,
+        host: None,
+        user_agent: None,
+        body: BodyKind::None,
+        keep_alive: minor >= 1,
+        expect_continue: false,
+        upgrade: false,
+        headers: Vec::with_capacity(req.headers.len()),
+    };
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_encoding = false;
+    let mut connection_upgrade = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let value = trim(h.value);
+        head.headers
+            .push((range_of(buf, name), range_of(buf, value)));
+        if name.eq_ignore_ascii_case(b"host") {
+            if head.host.is_some() {
+                return Err(ParseError::Malformed("more than one Host"));
+            }
+            head.host = Some(range_of(buf, value));
+        } else if name.eq_ignore_ascii_case(b"user-agent") {
+            head.user_agent = Some(range_of(buf, value));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(value)?;
+            if content_length.is_some_and(|c| c != n) {
+                return Err(ParseError::Framing("differing Content-Length"));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_encoding = true;
+            // Only "chunked" as the final coding frames a request body.
+            chunked = value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|b| *b == b',').map(trim) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    head.keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && minor == 0 {
+                    head.keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    connection_upgrade = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            head.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            head.upgrade = true;
+        }
+    }
+    head.upgrade &= connection_upgrade && minor >= 1;
+    head.body = match (transfer_encoding, content_length) {
+        (true, Some(_)) => {
+            return Err(ParseError::Framing(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        (true, None) if chunked && minor >= 1 => BodyKind::Chunked,
+        (true, None) => {
+            return Err(ParseError::Framing(
+                "Transfer-Encoding without final chunked",
+            ));
+        }
+        (false, Some(0)) | (false, None) => BodyKind::None,
+        (false, Some(n)) => BodyKind::Length(n),
+    };
+    if minor >= 1 && head.host.is_none() {
+        return Err(ParseError::Malformed("HTTP/1.1 request without Host"));
+    }
+    Ok(Some(head))
+}
+
+fn parse_length(v: &[u8]) -> Result<u64, ParseError> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return Err(ParseError::Framing("invalid Content-Length"));
+    }
+    v.iter()
+        .try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
+        .ok_or(ParseError::Framing("invalid Content-Length"))
+}
+
+/// The value without surrounding spaces and tabs.
+pub fn trim(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |e| e + 1);
+    &v[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Option<RequestHead>, ParseError> {
+        parse_request(s.as_bytes(), 64 << 10)
+    }
+
+    #[test]
+    fn a_simple_get_is_parsed_in_place() {
+        let raw = "GET /a?b=1 HTTP/1.1\r\nHost: Example.com\r\nUser-Agent: x\r\n\r\n";
+        let h = parse(raw).expect("ok").expect("complete");
+        assert_eq!(h.len, raw.len());
+        assert_eq!(h.target(raw.as_bytes()), b"/a?b=1");
+        assert_eq!(
+            &raw.as_bytes()[h.host.clone().expect("host")],
+            b"Example.com"
+        );
+        assert!(h.keep_alive);
+        assert_eq!(h.body, BodyKind::None);
+    }
+
+    #[test]
+    fn partial_heads_wait_and_oversized_ones_are_431() {
+        assert_eq!(parse("GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None));
+        let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n", "a".repeat(70_000));
+        assert_eq!(parse(&big), Err(ParseError::TooLarge));
+        let cookie = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nCookie: {}\r\n\r\n",
+            "c".repeat(48 << 10)
+        );
+        assert!(parse(&cookie).expect("48k cookie passes").is_some());
+        let many: String = (0..100).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert!(
+            parse(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n"))
+                .expect("100 headers pass")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn framing_ambiguities_are_refused() {
+        let both =
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(parse(both), Err(ParseError::Framing(_))));
+        let two = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert!(matches!(parse(two), Err(ParseError::Framing(_))));
+        let same = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(
+            parse(same).expect("ok").expect("complete").body,
+            BodyKind::Length(3)
+        );
+        let signed = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n";
+        assert!(matches!(parse(signed), Err(ParseError::Framing(_))));
+    }
+
+    #[test]
+    fn malformed_requests_are_400() {
+        for raw in [
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+            "G\0T / HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(parse(raw).map_err(ParseError::status), Err(400), "{raw:?}");
+        }
+        let h = parse("GET / HTTP/1.0\r\n\r\n")
+            .expect("1.0 needs no Host")
+            .expect("complete");
+        assert!(!h.keep_alive);
+    }
+}

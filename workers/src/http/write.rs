@@ -1,0 +1,66 @@
+//! Writing response heads and small complete responses.
+
+/// The reason phrase of a status code.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    }
+}
+
+/// Appends a complete response with a body to `out`.
+pub fn response(out: &mut Vec<u8>, status: u16, content_type: &str, body: &[u8], keep_alive: bool) {
+    use std::io::Write;
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nServer: elb\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+        reason(status),
+        body.len(),
+        if keep_alive { "keep-alive" } else { "close" },
+    );
+    out.extend_from_slice(body);
+}
+
+/// Appends the short error page ELB answers with for `status`.
+pub fn error_page(out: &mut Vec<u8>, status: u16, keep_alive: bool) {
+    let body = format!("{status} {}\n", reason(status));
+    response(out, status, "text/plain", body.as_bytes(), keep_alive);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_page_parses_as_a_response() {
+        let mut out = Vec::new();
+        error_page(&mut out, 404, true);
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut resp = httparse::Response::new(&mut headers);
+        let n = match resp.parse(&out) {
+            Ok(httparse::Status::Complete(n)) => n,
+            other => panic!("unparsable: {other:?}"),
+        };
+        assert_eq!(resp.code, Some(404));
+        assert_eq!(&out[n..], b"404 Not Found\n");
+    }
+}

@@ -1,0 +1,35 @@
+//! ELB's worker process: one `mio` event loop that accepts on the listeners
+//! the master passed down, serves HTTP, and follows the configuration the
+//! master publishes in the shared region.
+//!
+//! This crate knows nothing of etcd or the admin API's storage: the master
+//! (`src/`) is the only place where those meet the data plane.
+
+pub mod args;
+mod conn;
+mod event_loop;
+pub mod http;
+mod inherit;
+pub mod published;
+mod timers;
+mod view;
+
+pub use args::WorkerArgs;
+
+/// Runs a worker to completion; returns the process exit code.
+pub fn run(args: WorkerArgs) -> i32 {
+    let inherited = match inherit::adopt(&args) {
+        Ok(i) => i,
+        Err(e) => {
+            log::error!("worker {}: {e}", args.index);
+            return 1;
+        }
+    };
+    match event_loop::Worker::new(args, inherited).and_then(|w| w.run()) {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("worker: {e}");
+            1
+        }
+    }
+}
