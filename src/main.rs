@@ -2,10 +2,12 @@
 
 #![forbid(unsafe_op_in_unsafe_fn)]
 
+mod admin;
 mod listeners;
 mod logging;
 mod settings;
 mod spawn;
+mod store;
 mod supervisor;
 
 use std::process::ExitCode;

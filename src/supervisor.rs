@@ -7,6 +7,8 @@
 //! them down with the master is tied to the thread that forked them.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -19,11 +21,12 @@ use nix::unistd::Pid;
 
 use elb_shm::Region;
 use elb_workers::WorkerArgs;
+use elb_workers::access::Access;
 use elb_workers::args::{Limits, Timeouts};
 
-use crate::listeners;
-use crate::settings::Settings;
-use crate::spawn;
+use crate::settings::{AdminAddr, Settings};
+use crate::store::Store;
+use crate::{admin, listeners, spawn};
 
 /// A worker that dies sooner than this after its start counts as crashing.
 const QUICK_EXIT: Duration = Duration::from_secs(2);
@@ -35,7 +38,7 @@ struct Slot {
     /// Consecutive quick exits.
     crashes: u32,
     start_at: Option<Instant>,
-    wake: EventFd,
+    wake: Arc<EventFd>,
     listeners: Vec<OwnedFd>,
 }
 
@@ -79,9 +82,30 @@ pub fn run(settings: Settings) -> i32 {
             started: Instant::now(),
             crashes: 0,
             start_at: Some(Instant::now()),
-            wake,
+            wake: Arc::new(wake),
             listeners: socks.into_iter().map(OwnedFd::from).collect(),
         });
+    }
+    let private = match private_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            log::error!("cannot create a private directory: {e}");
+            return 1;
+        }
+    };
+    let store = Arc::new(Mutex::new(Store::new(
+        region,
+        slots.iter().map(|s| s.wake.clone()).collect(),
+    )));
+    let access = Access {
+        allow: settings.admin_allow.clone(),
+        token: settings.admin_token.clone(),
+    };
+    let admin_socket = private.join("admin.sock");
+    if let Err(e) = admin::serve(&settings.admin, &admin_socket, store, access) {
+        eprintln!("elb: {e}");
+        let _ = std::fs::remove_dir_all(&private);
+        return 1;
     }
     let addrs: Vec<String> = settings.listen.iter().map(ToString::to_string).collect();
     log::info!(
@@ -90,13 +114,32 @@ pub fn run(settings: Settings) -> i32 {
         settings.workers,
         settings.shm_size >> 20
     );
-    Supervisor {
+    let admin = match &settings.admin {
+        AdminAddr::Tcp(a) => a.to_string(),
+        AdminAddr::Unix(p) => format!("unix:{}", p.display()),
+    };
+    log::info!("admin API on {admin}");
+    let code = Supervisor {
         settings,
         region,
         slots,
         signals,
+        admin_socket,
     }
-    .run()
+    .run();
+    let _ = std::fs::remove_dir_all(&private);
+    code
+}
+
+/// A directory only this user can enter, for the private admin socket.
+fn private_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("elb-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
 }
 
 fn block_signals() -> nix::Result<SignalFd> {
@@ -124,6 +167,7 @@ struct Supervisor {
     region: &'static Region,
     slots: Vec<Slot>,
     signals: SignalFd,
+    admin_socket: PathBuf,
 }
 
 impl Supervisor {
@@ -136,6 +180,9 @@ impl Supervisor {
             }
         };
         self.stop(stop);
+        if let AdminAddr::Unix(path) = &self.settings.admin {
+            let _ = std::fs::remove_file(path);
+        }
         0
     }
 
@@ -149,6 +196,11 @@ impl Supervisor {
             shm_fd: self.region.fd().as_raw_fd(),
             wake_fd: slot.wake.as_fd().as_raw_fd(),
             listen_fds: slot.listeners.iter().map(AsRawFd::as_raw_fd).collect(),
+            admin_access: Access {
+                allow: s.admin_allow.clone(),
+                token: s.admin_token.clone(),
+            },
+            admin_socket: self.admin_socket.clone(),
             limits: Limits {
                 client_max_body_size: s.limits.client_max_body_size,
                 max_header_size: s.limits.max_header_size as usize,
@@ -266,7 +318,7 @@ impl Supervisor {
         }
     }
 
-    fn stop(mut self, how: Stop) {
+    fn stop(&mut self, how: Stop) {
         // Closing the master's copies of the listeners first: once the
         // workers drop theirs, new connections are refused.
         for slot in &mut self.slots {

@@ -5,4 +5,4 @@
 mod api;
 mod server;
 
-pub use server::{Access, serve};
+pub use server::serve;

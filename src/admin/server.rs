@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use elb_workers::http::{self, BodyKind, parse_request};
 
-use crate::settings::{AdminAddr, Cidr};
+use elb_workers::access::Access;
+
+use crate::settings::AdminAddr;
 use crate::store::Store;
 
 use super::api;
@@ -23,28 +25,6 @@ const MAX_BODY: u64 = 64 << 20;
 const MAX_HEAD: usize = 64 << 10;
 const MAX_CONNECTIONS: usize = 64;
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Who may use the admin API over TCP.
-#[derive(Debug, Clone)]
-pub struct Access {
-    pub allow: Vec<Cidr>,
-    pub token: Option<String>,
-}
-
-impl Access {
-    /// Whether a TCP client at `ip` presenting `authorization` may enter.
-    pub fn admits(&self, ip: IpAddr, authorization: Option<&[u8]>) -> bool {
-        if self.allow.iter().any(|c| c.contains(ip)) {
-            return true;
-        }
-        match (&self.token, authorization) {
-            (Some(t), Some(a)) => a
-                .strip_prefix(b"Bearer ")
-                .is_some_and(|given| given == t.as_bytes()),
-            _ => false,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {what}: {source}")]

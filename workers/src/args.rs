@@ -19,6 +19,10 @@ pub struct WorkerArgs {
     pub wake_fd: i32,
     /// Descriptors of this worker's listening sockets.
     pub listen_fds: Vec<i32>,
+    /// Who may reach the admin API through the proxy listeners.
+    pub admin_access: crate::access::Access,
+    /// The master's private socket for forwarded admin requests.
+    pub admin_socket: std::path::PathBuf,
     pub limits: Limits,
     pub timeouts: Timeouts,
     /// Graceful stop: how long in-flight requests may take, in ms.

@@ -1,10 +1,12 @@
-//! The worker's event loop: listeners, client connections, the master's
-//! wake-up eventfd and the signalfd, all in one `mio::Poll`.
+//! The worker's event loop: listeners, sessions (a client connection and,
+//! during an exchange, its peer connection), the master's wake-up eventfd
+//! and the signalfd, all in one `mio::Poll`.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use elb_shm::config::ConfigReader;
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -12,15 +14,17 @@ use nix::sys::signal::Signal;
 use slab::Slab;
 
 use crate::args::WorkerArgs;
-use crate::conn::{ClientConn, Limits, Next};
 use crate::inherit::Inherited;
+use crate::pool::Pool;
+use crate::route::Router;
+use crate::session::{Cx, Drive, Session};
 use crate::timers::Timers;
 use crate::view::View;
-use elb_shm::config::ConfigReader;
 
 const WAKE: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
-/// Listener `i` has token `i`; connection `k` of the slab has `CONN_BASE + k`.
+/// Listener `i` has token `i`; session `k` has `CONN_BASE + 2k` for its
+/// client and `CONN_BASE + 2k + 1` for its peer connection.
 const CONN_BASE: usize = 1 << 16;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +37,13 @@ pub(crate) struct Worker {
     args: WorkerArgs,
     poll: Poll,
     listeners: Vec<TcpListener>,
-    conns: Slab<ClientConn>,
+    sessions: Slab<Session>,
     timers: Timers,
     inherited: Inherited,
     view: View,
     reader: ConfigReader<'static>,
-    applied: u64,
+    router: Router,
+    pool: Pool,
     /// Set on SIGTERM/SIGINT: no new connections, exit once idle.
     draining_until: Option<Instant>,
 }
@@ -72,12 +77,13 @@ impl Worker {
             args,
             poll,
             listeners,
-            conns: Slab::new(),
+            sessions: Slab::new(),
             timers: Timers::default(),
             reader: ConfigReader::new(inherited.region),
             inherited,
             view: View::default(),
-            applied: 0,
+            router: Router::default(),
+            pool: Pool::default(),
             draining_until: None,
         })
     }
@@ -91,20 +97,19 @@ impl Worker {
             "worker {} (pid {}) serving, configuration generation {}",
             self.args.index,
             std::process::id(),
-            self.applied
+            self.reader.applied()
         );
         let mut events = Events::with_capacity(1024);
         loop {
-            let now = Instant::now();
-            let timeout = self.timers.timeout(now);
+            let timeout = self.timers.timeout(Instant::now());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e.into());
             }
-            // Before any request in this batch of events is looked at, so
-            // that a request sent after a publication is routed by it.
+            // Before any request of this batch is looked at, so that a
+            // request sent after a publication is routed by it.
             self.follow_config();
             for ev in events.iter() {
                 match ev.token() {
@@ -115,21 +120,21 @@ impl Worker {
                         }
                     }
                     Token(i) if i < CONN_BASE => self.accept(i),
-                    Token(t) => self.on_conn_event(t - CONN_BASE),
+                    Token(t) => self.drive((t - CONN_BASE) / 2, false),
                 }
             }
             self.expire_timers(Instant::now());
             if let Some(until) = self.draining_until {
                 let idle: Vec<usize> = self
-                    .conns
+                    .sessions
                     .iter()
-                    .filter(|(_, c)| c.is_idle())
+                    .filter(|(_, s)| s.is_idle())
                     .map(|(k, _)| k)
                     .collect();
                 for k in idle {
                     self.close(k);
                 }
-                if self.conns.is_empty() || Instant::now() >= until {
+                if self.sessions.is_empty() || Instant::now() >= until {
                     log::info!("worker {} stopped", self.args.index);
                     return Ok(());
                 }
@@ -142,14 +147,13 @@ impl Worker {
             return;
         }
         let view = &mut self.view;
-        self.applied = self.reader.poll(|c| view.apply(c));
+        let applied = self.reader.poll(|c| view.apply(c));
         if let Some(slot) = self.inherited.region.worker_slot(self.args.index) {
-            slot.set_applied(self.applied);
+            slot.set_applied(applied);
         }
         log::debug!(
-            "worker {}: generation {} ({} keys)",
+            "worker {}: generation {applied} ({} keys)",
             self.args.index,
-            self.applied,
             self.view.len()
         );
     }
@@ -189,24 +193,31 @@ impl Worker {
             match listener.accept() {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let deadline = Instant::now() + self.header_timeout();
-                    let entry = self.conns.vacant_entry();
+                    let deadline =
+                        Instant::now() + Duration::from_millis(self.args.timeouts.client_header_ms);
+                    let entry = self.sessions.vacant_entry();
                     let key = entry.key();
-                    let mut conn = ClientConn::new(stream, peer);
+                    let mut session = Session::new(stream, peer, deadline);
+                    let token = Token(CONN_BASE + 2 * key);
                     if self
                         .poll
                         .registry()
-                        .register(&mut conn.stream, Token(CONN_BASE + key), Interest::READABLE)
+                        .register(
+                            &mut session.client,
+                            token,
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
                         .is_err()
                     {
                         continue;
                     }
-                    conn.timer = self.timers.arm(key, deadline);
-                    entry.insert(conn);
+                    session.armed = Some(deadline);
+                    self.timers.arm(key, deadline);
+                    entry.insert(session);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Out of descriptors or a connection reset while queued:
+                // Out of descriptors, or a connection reset while queued:
                 // leave the rest in the backlog for the next turn.
                 Err(e) => {
                     log::warn!("accept: {e}");
@@ -216,81 +227,62 @@ impl Worker {
         }
     }
 
-    fn header_timeout(&self) -> Duration {
-        Duration::from_millis(self.args.timeouts.client_header_ms)
-    }
-
-    fn on_conn_event(&mut self, key: usize) {
-        let limits = Limits {
-            max_header_size: self.args.limits.max_header_size,
-        };
-        let view = &self.view;
-        let slot = self.inherited.region.worker_slot(self.args.index);
-        let Some(conn) = self.conns.get_mut(key) else {
+    fn drive(&mut self, key: usize, timed_out: bool) {
+        let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let mut answer = |_buf: &[u8], _head: &crate::http::RequestHead| {
-            if let Some(s) = &slot {
-                s.count_request();
-            }
-            // No routing yet: every domain is unknown.
-            let _ = view;
-            404
+        let mut cx = Cx {
+            router: &mut self.router,
+            view: &self.view,
+            region: self.inherited.region,
+            pool: &mut self.pool,
+            registry: self.poll.registry(),
+            args: &self.args,
+            admin_socket: &self.args.admin_socket,
+            now: Instant::now(),
+            up_token: Token(CONN_BASE + 2 * key + 1),
         };
-        let next = conn.on_readable(&limits, &mut answer);
-        let next = if next == Next::Read {
-            conn.flush()
+        let next = if timed_out {
+            session.on_timeout(&mut cx)
         } else {
-            next
+            session.drive(&mut cx)
         };
-        self.after(key, next);
-    }
-
-    fn after(&mut self, key: usize, next: Next) {
-        let timeout = match next {
-            Next::Close => return self.close(key),
-            Next::Read => {
-                let Some(conn) = self.conns.get(key) else {
-                    return;
-                };
-                if conn.is_idle() {
-                    Duration::from_millis(self.args.timeouts.keepalive_ms)
-                } else {
-                    self.header_timeout()
+        match next {
+            Drive::Close => self.close(key),
+            Drive::Keep => {
+                if session.armed.is_none_or(|at| session.deadline < at) {
+                    session.armed = Some(session.deadline);
+                    self.timers.arm(key, session.deadline);
                 }
             }
-            Next::Write => Duration::from_millis(self.args.timeouts.client_body_ms),
-        };
-        let interest = if next == Next::Write {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
-        };
-        let stamp = self.timers.arm(key, Instant::now() + timeout);
-        let registry = self.poll.registry();
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        conn.timer = stamp;
-        if registry
-            .reregister(&mut conn.stream, Token(CONN_BASE + key), interest)
-            .is_err()
-        {
-            self.close(key);
         }
     }
 
     fn expire_timers(&mut self, now: Instant) {
-        while let Some((key, stamp)) = self.timers.expired(now) {
-            if self.conns.get(key).is_some_and(|c| c.timer == stamp) {
-                self.close(key);
+        while let Some((key, at)) = self.timers.expired(now) {
+            let Some(session) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            if session.armed != Some(at) {
+                continue;
+            }
+            session.armed = None;
+            if session.deadline <= now {
+                self.drive(key, true);
+            } else {
+                session.armed = Some(session.deadline);
+                self.timers.arm(key, session.deadline);
             }
         }
     }
 
     fn close(&mut self, key: usize) {
-        if let Some(mut conn) = self.conns.try_remove(key) {
-            let _ = self.poll.registry().deregister(&mut conn.stream);
+        if let Some(mut session) = self.sessions.try_remove(key) {
+            let registry = self.poll.registry();
+            if let Some(up) = session.upstream_mut() {
+                let _ = registry.deregister(up);
+            }
+            let _ = registry.deregister(&mut session.client);
         }
     }
 }

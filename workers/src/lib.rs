@@ -5,13 +5,20 @@
 //! This crate knows nothing of etcd or the admin API's storage: the master
 //! (`src/`) is the only place where those meet the data plane.
 
+pub mod access;
 pub mod args;
-mod conn;
+pub mod balance;
 mod event_loop;
 pub mod http;
 mod inherit;
+mod pool;
 pub mod published;
+mod route;
+pub mod rules;
+mod session;
 mod timers;
+pub mod upstream;
+mod upstream_conn;
 mod view;
 
 pub use args::WorkerArgs;

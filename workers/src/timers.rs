@@ -1,6 +1,7 @@
-//! Deadlines for connections. mio has no timers: the loop asks this heap how
-//! long it may sleep. A connection re-arming its deadline leaves the old
-//! entry behind; entries whose stamp no longer matches are skipped.
+//! Deadlines for sessions. mio has no timers: the loop asks this heap how
+//! long it may sleep. A session keeps its true deadline itself and has at
+//! most a few entries here: an entry that fires early is re-armed at the
+//! session's current deadline, so moving a deadline later costs nothing.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -8,30 +9,26 @@ use std::time::{Duration, Instant};
 
 #[derive(Default)]
 pub(crate) struct Timers {
-    heap: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    next_stamp: u64,
+    heap: BinaryHeap<Reverse<(Instant, usize)>>,
 }
 
 impl Timers {
-    /// Arms a deadline for `key`; returns the stamp that identifies it.
-    pub fn arm(&mut self, key: usize, at: Instant) -> u64 {
-        self.next_stamp += 1;
-        self.heap.push(Reverse((at, key, self.next_stamp)));
-        self.next_stamp
+    pub fn arm(&mut self, key: usize, at: Instant) {
+        self.heap.push(Reverse((at, key)));
     }
 
-    /// How long the loop may sleep before the earliest deadline.
+    /// How long the loop may sleep before the earliest entry.
     pub fn timeout(&self, now: Instant) -> Option<Duration> {
         self.heap
             .peek()
-            .map(|Reverse((at, _, _))| at.saturating_duration_since(now))
+            .map(|Reverse((at, _))| at.saturating_duration_since(now))
     }
 
-    /// Pops the next deadline that has passed, as `(key, stamp)`.
-    pub fn expired(&mut self, now: Instant) -> Option<(usize, u64)> {
+    /// Pops the next entry that is due, as `(key, the time it was armed for)`.
+    pub fn expired(&mut self, now: Instant) -> Option<(usize, Instant)> {
         match self.heap.peek() {
-            Some(Reverse((at, _, _))) if *at <= now => {
-                self.heap.pop().map(|Reverse((_, key, stamp))| (key, stamp))
+            Some(Reverse((at, _))) if *at <= now => {
+                self.heap.pop().map(|Reverse((at, key))| (key, at))
             }
             _ => None,
         }
@@ -46,8 +43,10 @@ mod tests {
     fn deadlines_come_out_in_order() {
         let mut t = Timers::default();
         let now = Instant::now();
-        let late = t.arm(1, now + Duration::from_millis(20));
-        let early = t.arm(2, now + Duration::from_millis(10));
+        let late = now + Duration::from_millis(20);
+        let early = now + Duration::from_millis(10);
+        t.arm(1, late);
+        t.arm(2, early);
         assert_eq!(t.timeout(now), Some(Duration::from_millis(10)));
         assert_eq!(t.expired(now), None);
         let later = now + Duration::from_millis(30);

@@ -137,7 +137,10 @@ impl PeerParams {
                 parts.push(format!("max_fails={}", self.max_fails));
             }
             if self.fail_timeout_ms != d.fail_timeout_ms {
-                parts.push(format!("fail_timeout={}", format_time(self.fail_timeout_ms)));
+                parts.push(format!(
+                    "fail_timeout={}",
+                    format_time(self.fail_timeout_ms)
+                ));
             }
             if self.backup {
                 parts.push("backup".to_string());
@@ -153,7 +156,7 @@ impl PeerParams {
             let _ = write!(out, ",\"max_fails\":{}", self.max_fails);
         }
         if self.fail_timeout_ms != d.fail_timeout_ms {
-            if self.fail_timeout_ms % 1000 == 0 {
+            if self.fail_timeout_ms.is_multiple_of(1000) {
                 let _ = write!(out, ",\"fail_timeout\":{}", self.fail_timeout_ms / 1000);
             } else {
                 let _ = write!(
@@ -190,7 +193,7 @@ fn json_string(s: &str) -> String {
 /// Milliseconds in nginx time syntax: whole seconds as a bare number
 /// (`10`), otherwise with `ms` (`1500ms`).
 fn format_time(ms: u64) -> String {
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         (ms / 1000).to_string()
     } else {
         format!("{ms}ms")
@@ -273,7 +276,9 @@ fn parse_nginx(value: &str) -> Result<PeerParams, ParamError> {
                     .map_err(|_| invalid("max_fails", v))?
             }
             ("fail_timeout", Some(v)) => p.fail_timeout_ms = parse_time(v, "fail_timeout")?,
-            ("slow_start", Some(v)) => p.slow_start_s = time_to_secs(parse_time(v, "slow_start")?, v)?,
+            ("slow_start", Some(v)) => {
+                p.slow_start_s = time_to_secs(parse_time(v, "slow_start")?, v)?
+            }
             ("backup", None) => p.backup = true,
             ("down", None) => p.down = true,
             ("backup", Some(v)) => p.backup = parse_bool(v, "backup")?,
@@ -285,7 +290,10 @@ fn parse_nginx(value: &str) -> Result<PeerParams, ParamError> {
 }
 
 fn invalid(name: &'static str, value: &str) -> ParamError {
-    ParamError::Invalid { name, value: value.to_string() }
+    ParamError::Invalid {
+        name,
+        value: value.to_string(),
+    }
 }
 
 /// A decimal without sign; refused when empty, signed or too large.
@@ -365,7 +373,7 @@ fn parse_time(v: &str, name: &'static str) -> Result<u64, ParamError> {
 }
 
 fn time_to_secs(ms: u64, v: &str) -> Result<u32, ParamError> {
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return Err(invalid("slow_start", v));
     }
     u32::try_from(ms / 1000).map_err(|_| invalid("slow_start", v))
@@ -481,7 +489,10 @@ fn json_bool(v: &serde_json::Value, name: &'static str) -> Result<bool, ParamErr
 /// non-empty and made of ASCII letters, digits, `.`, `-` and `_` (a name or
 /// an IPv4 address; no spaces, slashes, or other punctuation).
 pub fn split_host_port(addr: &str) -> Result<(&str, u16), ParamError> {
-    let err = |why: &'static str| ParamError::Address { addr: addr.to_string(), why };
+    let err = |why: &'static str| ParamError::Address {
+        addr: addr.to_string(),
+        why,
+    };
     let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
         let (h, after) = rest.split_once(']').ok_or_else(|| err("missing ']'"))?;
         let port = after.strip_prefix(':').ok_or_else(|| err("missing port"))?;
@@ -497,7 +508,10 @@ pub fn split_host_port(addr: &str) -> Result<(&str, u16), ParamError> {
         if h.is_empty() {
             return Err(err("empty host"));
         }
-        if !h.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_')) {
+        if !h
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))
+        {
             return Err(err("invalid character in host"));
         }
         (h, port)
@@ -542,12 +556,29 @@ mod tests {
     #[test]
     fn nginx_form() {
         let got = parse_peer_value("max_fails=2 weight=10").unwrap();
-        assert_eq!(got, PeerParams { weight: 10, max_fails: 2, ..p() });
+        assert_eq!(
+            got,
+            PeerParams {
+                weight: 10,
+                max_fails: 2,
+                ..p()
+            }
+        );
         let got = parse_peer_value("fail_timeout=10").unwrap();
         assert_eq!(got, p());
         let got = parse_peer_value("fail_timeout=30 backup").unwrap();
-        assert_eq!(got, PeerParams { fail_timeout_ms: 30_000, backup: true, ..p() });
-        assert_eq!(parse_peer_value("down").unwrap(), PeerParams { down: true, ..p() });
+        assert_eq!(
+            got,
+            PeerParams {
+                fail_timeout_ms: 30_000,
+                backup: true,
+                ..p()
+            }
+        );
+        assert_eq!(
+            parse_peer_value("down").unwrap(),
+            PeerParams { down: true, ..p() }
+        );
         assert!(!parse_peer_value("down").unwrap().is_available());
         assert_eq!(parse_peer_value("max_fails=0").unwrap().max_fails, 0);
         assert_eq!(parse_peer_value("weight=10000").unwrap().weight, 10_000);
@@ -567,7 +598,8 @@ mod tests {
 
     #[test]
     fn nginx_time_suffixes() {
-        let ft = |s: &str| parse_peer_value(&format!("fail_timeout={s}")).map(|p| p.fail_timeout_ms);
+        let ft =
+            |s: &str| parse_peer_value(&format!("fail_timeout={s}")).map(|p| p.fail_timeout_ms);
         assert_eq!(ft("10"), Ok(10_000));
         assert_eq!(ft("0"), Ok(0));
         assert_eq!(ft("5s"), Ok(5_000));
@@ -577,10 +609,22 @@ mod tests {
         assert_eq!(ft("1500ms"), Ok(1_500));
         assert_eq!(ft("1m30s"), Ok(90_000));
         assert_eq!(ft("1s500ms"), Ok(1_500));
-        for bad in ["", "x", "5x", "s", "-1", "1.5", "1s1s", "99999999999999999999"] {
+        for bad in [
+            "",
+            "x",
+            "5x",
+            "s",
+            "-1",
+            "1.5",
+            "1s1s",
+            "99999999999999999999",
+        ] {
             assert_eq!(
                 ft(bad),
-                Err(ParamError::Invalid { name: "fail_timeout", value: bad.to_string() }),
+                Err(ParamError::Invalid {
+                    name: "fail_timeout",
+                    value: bad.to_string()
+                }),
                 "{bad}"
             );
         }
@@ -596,32 +640,59 @@ mod tests {
             parse_peer_value("weight=2 resolve"),
             Err(ParamError::Unknown("resolve".into()))
         );
-        assert_eq!(parse_peer_value("weight"), Err(ParamError::Unknown("weight".into())));
+        assert_eq!(
+            parse_peer_value("weight"),
+            Err(ParamError::Unknown("weight".into()))
+        );
         assert_eq!(
             parse_peer_value("weight=x"),
-            Err(ParamError::Invalid { name: "weight", value: "x".into() })
+            Err(ParamError::Invalid {
+                name: "weight",
+                value: "x".into()
+            })
         );
         assert_eq!(
             parse_peer_value("weight=-1"),
-            Err(ParamError::Invalid { name: "weight", value: "-1".into() })
+            Err(ParamError::Invalid {
+                name: "weight",
+                value: "-1".into()
+            })
         );
         assert_eq!(
             parse_peer_value("weight=+1"),
-            Err(ParamError::Invalid { name: "weight", value: "+1".into() })
+            Err(ParamError::Invalid {
+                name: "weight",
+                value: "+1".into()
+            })
         );
-        assert_eq!(parse_peer_value("weight=0"), Err(ParamError::WeightRange(0)));
-        assert_eq!(parse_peer_value("weight=10001"), Err(ParamError::WeightRange(10_001)));
+        assert_eq!(
+            parse_peer_value("weight=0"),
+            Err(ParamError::WeightRange(0))
+        );
+        assert_eq!(
+            parse_peer_value("weight=10001"),
+            Err(ParamError::WeightRange(10_001))
+        );
         assert_eq!(
             parse_peer_value("max_fails=4294967296"),
-            Err(ParamError::Invalid { name: "max_fails", value: "4294967296".into() })
+            Err(ParamError::Invalid {
+                name: "max_fails",
+                value: "4294967296".into()
+            })
         );
         assert_eq!(
             parse_peer_value("backup=yes"),
-            Err(ParamError::Invalid { name: "backup", value: "yes".into() })
+            Err(ParamError::Invalid {
+                name: "backup",
+                value: "yes".into()
+            })
         );
         assert_eq!(
             parse_peer_value("slow_start=1500ms"),
-            Err(ParamError::Invalid { name: "slow_start", value: "1500ms".into() })
+            Err(ParamError::Invalid {
+                name: "slow_start",
+                value: "1500ms".into()
+            })
         );
         assert_eq!(
             parse_peer_value("wieght=2").unwrap_err().to_string(),
@@ -635,9 +706,10 @@ mod tests {
 
     #[test]
     fn json_form() {
-        let got =
-            parse_peer_value(r#"{"weight":100,"check_url":"/health","slow_start":30,"status":"up"}"#)
-                .unwrap();
+        let got = parse_peer_value(
+            r#"{"weight":100,"check_url":"/health","slow_start":30,"status":"up"}"#,
+        )
+        .unwrap();
         assert_eq!(
             got,
             PeerParams {
@@ -655,14 +727,33 @@ mod tests {
         .unwrap();
         assert_eq!(
             got,
-            PeerParams { weight: 7, max_fails: 3, fail_timeout_ms: 5_000, backup: true, ..p() }
+            PeerParams {
+                weight: 7,
+                max_fails: 3,
+                fail_timeout_ms: 5_000,
+                backup: true,
+                ..p()
+            }
         );
-        assert_eq!(parse_peer_value(r#"{"fail_timeout":1.5}"#).unwrap().fail_timeout_ms, 1_500);
-        assert_eq!(parse_peer_value(r#"{"fail_timeout":"2m"}"#).unwrap().fail_timeout_ms, 120_000);
+        assert_eq!(
+            parse_peer_value(r#"{"fail_timeout":1.5}"#)
+                .unwrap()
+                .fail_timeout_ms,
+            1_500
+        );
+        assert_eq!(
+            parse_peer_value(r#"{"fail_timeout":"2m"}"#)
+                .unwrap()
+                .fail_timeout_ms,
+            120_000
+        );
         assert_eq!(parse_peer_value(r#"{"weight":2.0}"#).unwrap().weight, 2);
         assert!(parse_peer_value(r#"{"down":1}"#).unwrap().down);
         // null counts as absent.
-        assert_eq!(parse_peer_value(r#"{"weight":null,"check_url":null}"#), Ok(p()));
+        assert_eq!(
+            parse_peer_value(r#"{"weight":null,"check_url":null}"#),
+            Ok(p())
+        );
     }
 
     #[test]
@@ -686,55 +777,92 @@ mod tests {
 
     #[test]
     fn json_unknown_keys_ignored() {
-        let got = parse_peer_value(r#"{"weight":2,"zone":"a","tags":[1,2],"meta":{"x":1}}"#).unwrap();
+        let got =
+            parse_peer_value(r#"{"weight":2,"zone":"a","tags":[1,2],"meta":{"x":1}}"#).unwrap();
         assert_eq!(got, PeerParams { weight: 2, ..p() });
     }
 
     #[test]
     fn json_errors() {
         assert!(matches!(parse_peer_value("{"), Err(ParamError::Json(_))));
-        assert!(matches!(parse_peer_value("{\"weight\":}"), Err(ParamError::Json(_))));
-        assert!(matches!(parse_peer_value("[1]"), Err(ParamError::Unknown(_))));
+        assert!(matches!(
+            parse_peer_value("{\"weight\":}"),
+            Err(ParamError::Json(_))
+        ));
+        assert!(matches!(
+            parse_peer_value("[1]"),
+            Err(ParamError::Unknown(_))
+        ));
         assert_eq!(
             parse_peer_value(r#"{"weight":"x"}"#),
-            Err(ParamError::Invalid { name: "weight", value: "x".into() })
+            Err(ParamError::Invalid {
+                name: "weight",
+                value: "x".into()
+            })
         );
         assert_eq!(
             parse_peer_value(r#"{"weight":-1}"#),
-            Err(ParamError::Invalid { name: "weight", value: "-1".into() })
+            Err(ParamError::Invalid {
+                name: "weight",
+                value: "-1".into()
+            })
         );
         assert_eq!(
             parse_peer_value(r#"{"weight":1.5}"#),
-            Err(ParamError::Invalid { name: "weight", value: "1.5".into() })
+            Err(ParamError::Invalid {
+                name: "weight",
+                value: "1.5".into()
+            })
         );
-        assert_eq!(parse_peer_value(r#"{"weight":0}"#), Err(ParamError::WeightRange(0)));
+        assert_eq!(
+            parse_peer_value(r#"{"weight":0}"#),
+            Err(ParamError::WeightRange(0))
+        );
         assert_eq!(
             parse_peer_value(r#"{"weight":20000}"#),
             Err(ParamError::WeightRange(20_000))
         );
         assert_eq!(
             parse_peer_value(r#"{"backup":"maybe"}"#),
-            Err(ParamError::Invalid { name: "backup", value: "maybe".into() })
+            Err(ParamError::Invalid {
+                name: "backup",
+                value: "maybe".into()
+            })
         );
         assert_eq!(
             parse_peer_value(r#"{"check_url":5}"#),
-            Err(ParamError::Invalid { name: "check_url", value: "5".into() })
+            Err(ParamError::Invalid {
+                name: "check_url",
+                value: "5".into()
+            })
         );
         assert_eq!(
             parse_peer_value(r#"{"check_url":"/a b"}"#),
-            Err(ParamError::Invalid { name: "check_url", value: "/a b".into() })
+            Err(ParamError::Invalid {
+                name: "check_url",
+                value: "/a b".into()
+            })
         );
         assert_eq!(
             parse_peer_value(r#"{"status":true}"#),
-            Err(ParamError::Invalid { name: "status", value: "true".into() })
+            Err(ParamError::Invalid {
+                name: "status",
+                value: "true".into()
+            })
         );
         assert_eq!(
             parse_peer_value(r#"{"slow_start":1.5}"#),
-            Err(ParamError::Invalid { name: "slow_start", value: "1.5".into() })
+            Err(ParamError::Invalid {
+                name: "slow_start",
+                value: "1.5".into()
+            })
         );
         assert_eq!(
             parse_peer_value(r#"{"fail_timeout":-3}"#),
-            Err(ParamError::Invalid { name: "fail_timeout", value: "-3".into() })
+            Err(ParamError::Invalid {
+                name: "fail_timeout",
+                value: "-3".into()
+            })
         );
     }
 
@@ -742,25 +870,47 @@ mod tests {
     fn uri_escaped_from_old_dump() {
         assert_eq!(
             parse_peer_value("max_fails%3D2%20weight%3D10").unwrap(),
-            PeerParams { weight: 10, max_fails: 2, ..p() }
+            PeerParams {
+                weight: 10,
+                max_fails: 2,
+                ..p()
+            }
         );
         assert_eq!(
             parse_peer_value("%7B%22weight%22%3A2%7D").unwrap(),
             PeerParams { weight: 2, ..p() }
         );
         assert_eq!(
-            parse_peer_value("%7b%22checkurl%22%3a%22%2fh%22%7d").unwrap().check_url.as_deref(),
+            parse_peer_value("%7b%22checkurl%22%3a%22%2fh%22%7d")
+                .unwrap()
+                .check_url
+                .as_deref(),
             Some("/h")
         );
-        assert_eq!(parse_peer_value("backup%3Dtrue").unwrap(), PeerParams { backup: true, ..p() });
+        assert_eq!(
+            parse_peer_value("backup%3Dtrue").unwrap(),
+            PeerParams {
+                backup: true,
+                ..p()
+            }
+        );
         assert_eq!(parse_peer_value("%20").unwrap(), p());
         // A raw JSON object is not decoded: its `%` belongs to its strings.
         assert_eq!(
-            parse_peer_value(r#"{"check_url":"/a%20b"}"#).unwrap().check_url.as_deref(),
+            parse_peer_value(r#"{"check_url":"/a%20b"}"#)
+                .unwrap()
+                .check_url
+                .as_deref(),
             Some("/a%20b")
         );
         // Not an escape, or decoding to invalid UTF-8: taken as written.
-        assert_eq!(parse_peer_value("weight=5%"), Err(ParamError::Unknown("weight=5%".into())));
+        assert_eq!(
+            parse_peer_value("weight=5%"),
+            Err(ParamError::Invalid {
+                name: "weight",
+                value: "5%".into()
+            })
+        );
         assert_eq!(
             parse_peer_value("weight%3D%FF"),
             Err(ParamError::Unknown("weight%3D%FF".into()))
@@ -786,17 +936,49 @@ mod tests {
     #[test]
     fn to_value_forms() {
         assert_eq!(p().to_value(), "");
-        assert_eq!(PeerParams { weight: 10, max_fails: 2, backup: true, ..p() }.to_value(), "weight=10 max_fails=2 backup");
-        assert_eq!(PeerParams { fail_timeout_ms: 30_000, ..p() }.to_value(), "fail_timeout=30");
-        assert_eq!(PeerParams { fail_timeout_ms: 1_500, ..p() }.to_value(), "fail_timeout=1500ms");
+        assert_eq!(
+            PeerParams {
+                weight: 10,
+                max_fails: 2,
+                backup: true,
+                ..p()
+            }
+            .to_value(),
+            "weight=10 max_fails=2 backup"
+        );
+        assert_eq!(
+            PeerParams {
+                fail_timeout_ms: 30_000,
+                ..p()
+            }
+            .to_value(),
+            "fail_timeout=30"
+        );
+        assert_eq!(
+            PeerParams {
+                fail_timeout_ms: 1_500,
+                ..p()
+            }
+            .to_value(),
+            "fail_timeout=1500ms"
+        );
         assert_eq!(PeerParams { down: true, ..p() }.to_value(), "down");
         assert_eq!(
-            PeerParams { weight: 100, slow_start_s: 30, check_url: Some("/health".into()), ..p() }
-                .to_value(),
+            PeerParams {
+                weight: 100,
+                slow_start_s: 30,
+                check_url: Some("/health".into()),
+                ..p()
+            }
+            .to_value(),
             r#"{"weight":100,"slow_start":30,"check_url":"/health"}"#
         );
         assert_eq!(
-            PeerParams { status: "down".into(), ..p() }.to_value(),
+            PeerParams {
+                status: "down".into(),
+                ..p()
+            }
+            .to_value(),
             r#"{"weight":1,"status":"down"}"#
         );
     }
@@ -806,21 +988,70 @@ mod tests {
         let cases = vec![
             p(),
             PeerParams { weight: 10, ..p() },
-            PeerParams { weight: 10_000, max_fails: 0, ..p() },
-            PeerParams { max_fails: u32::MAX, ..p() },
-            PeerParams { fail_timeout_ms: 0, ..p() },
-            PeerParams { fail_timeout_ms: 1, ..p() },
-            PeerParams { fail_timeout_ms: 90_500, ..p() },
-            PeerParams { fail_timeout_ms: 3_600_000, ..p() },
-            PeerParams { backup: true, ..p() },
-            PeerParams { down: true, backup: true, weight: 3, max_fails: 5, ..p() },
-            PeerParams { slow_start_s: 30, ..p() },
-            PeerParams { check_url: Some("/health".into()), ..p() },
-            PeerParams { check_url: Some("".into()), ..p() },
-            PeerParams { check_url: Some("/a%20b?x=\"y\"".into()), ..p() },
-            PeerParams { status: "down".into(), ..p() },
-            PeerParams { status: "".into(), ..p() },
-            PeerParams { status: "we\"ird \\ \n".into(), ..p() },
+            PeerParams {
+                weight: 10_000,
+                max_fails: 0,
+                ..p()
+            },
+            PeerParams {
+                max_fails: u32::MAX,
+                ..p()
+            },
+            PeerParams {
+                fail_timeout_ms: 0,
+                ..p()
+            },
+            PeerParams {
+                fail_timeout_ms: 1,
+                ..p()
+            },
+            PeerParams {
+                fail_timeout_ms: 90_500,
+                ..p()
+            },
+            PeerParams {
+                fail_timeout_ms: 3_600_000,
+                ..p()
+            },
+            PeerParams {
+                backup: true,
+                ..p()
+            },
+            PeerParams {
+                down: true,
+                backup: true,
+                weight: 3,
+                max_fails: 5,
+                ..p()
+            },
+            PeerParams {
+                slow_start_s: 30,
+                ..p()
+            },
+            PeerParams {
+                check_url: Some("/health".into()),
+                ..p()
+            },
+            PeerParams {
+                check_url: Some("".into()),
+                ..p()
+            },
+            PeerParams {
+                check_url: Some("/a%20b?x=\"y\"".into()),
+                ..p()
+            },
+            PeerParams {
+                status: "down".into(),
+                ..p()
+            },
+            PeerParams {
+                status: "".into(),
+                ..p()
+            },
+            PeerParams {
+                status: "we\"ird \\ \n".into(),
+                ..p()
+            },
             PeerParams {
                 weight: 7,
                 max_fails: 0,
@@ -861,7 +1092,11 @@ mod tests {
             "%7B%22weight%22%3A2%7D",
         ] {
             let once = parse_peer_value(raw).unwrap();
-            assert_eq!(parse_peer_value(&once.to_value()), Ok(once.clone()), "{raw}");
+            assert_eq!(
+                parse_peer_value(&once.to_value()),
+                Ok(once.clone()),
+                "{raw}"
+            );
         }
     }
 
@@ -869,9 +1104,15 @@ mod tests {
     fn host_port() {
         assert_eq!(split_host_port("127.0.0.1:8088"), Ok(("127.0.0.1", 8088)));
         assert_eq!(split_host_port("localhost:80"), Ok(("localhost", 80)));
-        assert_eq!(split_host_port("my_host.example-1.com:65535"), Ok(("my_host.example-1.com", 65535)));
+        assert_eq!(
+            split_host_port("my_host.example-1.com:65535"),
+            Ok(("my_host.example-1.com", 65535))
+        );
         assert_eq!(split_host_port("[::1]:80"), Ok(("::1", 80)));
-        assert_eq!(split_host_port("[2001:db8::1]:443"), Ok(("2001:db8::1", 443)));
+        assert_eq!(
+            split_host_port("[2001:db8::1]:443"),
+            Ok(("2001:db8::1", 443))
+        );
         for bad in [
             "",
             "host",

@@ -1,30 +1,93 @@
-//! The worker's own view of the published configuration, rebuilt key by key
-//! as the master publishes changes, and read per request without touching
-//! the region.
+//! The worker's own view of the published configuration: rule sets compiled
+//! and upstream records decoded once per change, then read per request
+//! without touching the region or allocating.
 
 use std::collections::HashMap;
 
 use elb_shm::config::Change;
 
+use crate::published::{Key, UpstreamRecord, parse_key};
+use crate::rules::RuleSet;
+
 #[derive(Default)]
 pub(crate) struct View {
-    entries: HashMap<Vec<u8>, Vec<u8>>,
+    domains: HashMap<Box<[u8]>, RuleSet>,
+    upstreams: HashMap<Box<[u8]>, UpstreamRecord>,
 }
 
 impl View {
     pub fn apply(&mut self, change: Change<'_>) {
         match change {
-            Change::Reset => self.entries.clear(),
-            Change::Put { key, value } => {
-                self.entries.insert(key.to_vec(), value.to_vec());
+            Change::Reset => {
+                self.domains.clear();
+                self.upstreams.clear();
             }
-            Change::Delete { key } => {
-                self.entries.remove(key);
-            }
+            Change::Put { key, value } => match parse_key(key) {
+                Some(Key::Domain(d)) => match RuleSet::from_slice(value) {
+                    Ok(rules) => {
+                        self.domains.insert(d.into(), rules);
+                    }
+                    // The master validated it; a failure here is a bug to report,
+                    // and the previous rule set stays.
+                    Err(e) => log::error!("rule set of {}: {e}", String::from_utf8_lossy(d)),
+                },
+                Some(Key::Upstream(n)) => match serde_json::from_slice::<UpstreamRecord>(value) {
+                    Ok(rec) => {
+                        self.upstreams.insert(n.into(), rec);
+                    }
+                    Err(e) => log::error!("upstream {}: {e}", String::from_utf8_lossy(n)),
+                },
+                None => {}
+            },
+            Change::Delete { key } => match parse_key(key) {
+                Some(Key::Domain(d)) => {
+                    self.domains.remove(d);
+                }
+                Some(Key::Upstream(n)) => {
+                    self.upstreams.remove(n);
+                }
+                None => {}
+            },
         }
     }
 
+    /// The rule set for a lower-cased host: exact, then without its port.
+    pub fn rules_for(&self, host: &[u8]) -> Option<&RuleSet> {
+        self.domains.get(host).or_else(|| {
+            let without_port = strip_port(host)?;
+            self.domains.get(without_port)
+        })
+    }
+
+    pub fn upstream(&self, name: &[u8]) -> Option<&UpstreamRecord> {
+        self.upstreams.get(name)
+    }
+
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.domains.len() + self.upstreams.len()
+    }
+}
+
+/// `host:port` → `host` (`[v6]:port` → `[v6]`); `None` when there is no port.
+fn strip_port(host: &[u8]) -> Option<&[u8]> {
+    let colon = host.iter().rposition(|b| *b == b':')?;
+    let (h, port) = (&host[..colon], &host[colon + 1..]);
+    let ok = !port.is_empty()
+        && port.iter().all(u8::is_ascii_digit)
+        && (!h.starts_with(b"[") || h.ends_with(b"]"));
+    ok.then_some(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped_only_when_there_is_one() {
+        assert_eq!(strip_port(b"example.com:8080"), Some(&b"example.com"[..]));
+        assert_eq!(strip_port(b"example.com"), None);
+        assert_eq!(strip_port(b"[::1]:80"), Some(&b"[::1]"[..]));
+        assert_eq!(strip_port(b"[::1]"), None);
+        assert_eq!(strip_port(b"a:b"), None);
     }
 }

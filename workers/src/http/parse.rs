@@ -266,3 +266,84 @@ mod tests {
         assert!(!h.keep_alive);
     }
 }
+
+/// A parsed response head from a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub len: usize,
+    pub status: u16,
+    pub minor_version: u8,
+    /// Framing, before the request method and status are taken into account.
+    pub body: BodyKind,
+    /// Whether the peer sent no length: the body runs to the connection's end.
+    pub until_close: bool,
+    pub keep_alive: bool,
+    pub headers: Vec<(Range<usize>, Range<usize>)>,
+}
+
+/// Parses a peer's response head at the start of `buf`.
+pub fn parse_response(buf: &[u8], max_size: usize) -> Result<Option<ResponseHead>, ParseError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= max_size => n,
+        Ok(httparse::Status::Partial) if buf.len() < max_size => return Ok(None),
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => return Err(ParseError::TooLarge),
+        Err(_) => return Err(ParseError::Malformed("response")),
+    };
+    let (Some(status), Some(minor)) = (resp.code, resp.version) else {
+        return Err(ParseError::Malformed("status line"));
+    };
+    let mut head = ResponseHead {
+        len,
+        status,
+        minor_version: minor,
+        body: BodyKind::None,
+        until_close: false,
+        keep_alive: minor >= 1,
+        headers: Vec::with_capacity(resp.headers.len()),
+    };
+    let mut content_length = None;
+    let mut chunked = false;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        let value = trim(h.value);
+        head.headers
+            .push((range_of(buf, name), range_of(buf, value)));
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(value)?;
+            if content_length.is_some_and(|c| c != n) {
+                return Err(ParseError::Framing("differing Content-Length"));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            chunked = value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|b| *b == b',').map(trim) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    head.keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && minor == 0 {
+                    head.keep_alive = true;
+                }
+            }
+        }
+    }
+    // Transfer-Encoding wins over Content-Length (RFC 9112 6.3), and such a
+    // connection is not reused.
+    head.body = if chunked {
+        if content_length.is_some() {
+            head.keep_alive = false;
+        }
+        BodyKind::Chunked
+    } else if let Some(n) = content_length {
+        BodyKind::Length(n)
+    } else {
+        head.until_close = true;
+        head.keep_alive = false;
+        BodyKind::None
+    };
+    Ok(Some(head))
+}

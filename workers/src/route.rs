@@ -1,0 +1,274 @@
+//! From a parsed request to where it goes: the domain's rule set, a peer
+//! chosen by smooth WRR over the shared cursor, and the request head to send
+//! it. Reads only the worker's view and the region's atomics; allocates
+//! nothing once its buffers are warm.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+
+use elb_shm::Region;
+
+use crate::access::Access;
+use crate::balance;
+use crate::http::RequestHead;
+use crate::published::UpstreamRecord;
+use crate::rules::{Decision, Scratch};
+use crate::view::View;
+
+const ADMIN_PREFIX: &[u8] = b"/__erulb__/";
+
+/// Where a request goes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Routed {
+    /// Answer here with this status.
+    Status(u16),
+    /// Proxy to this peer (its state slot, when it belongs to an upstream).
+    Peer { addr: SocketAddr, slot: Option<u32> },
+    /// Hand to the master's admin API.
+    Admin,
+}
+
+#[derive(Default)]
+pub(crate) struct Router {
+    scratch: Scratch,
+    host: Vec<u8>,
+}
+
+/// What routing needs besides the request.
+pub(crate) struct RouteCtx<'a> {
+    pub view: &'a View,
+    pub region: &'a Region,
+    pub access: &'a Access,
+    pub client: IpAddr,
+}
+
+impl Router {
+    /// Routes the request whose head is `head` (ranges into `buf`), writing
+    /// the head to send upstream into `out` when it is to be proxied.
+    pub fn route(
+        &mut self,
+        ctx: &RouteCtx<'_>,
+        buf: &[u8],
+        head: &RequestHead,
+        out: &mut Vec<u8>,
+    ) -> Routed {
+        let (path, query) = split_target(head.target(buf));
+        if path.starts_with(ADMIN_PREFIX) || path == &ADMIN_PREFIX[..ADMIN_PREFIX.len() - 1] {
+            let auth = header(buf, head, b"authorization");
+            if !ctx.access.admits(ctx.client, auth) {
+                return Routed::Status(403);
+            }
+            write_head(out, buf, head, path, query, &[], ctx.client);
+            return Routed::Admin;
+        }
+        let Some(host) = head.host.clone() else {
+            return Routed::Status(404);
+        };
+        self.host.clear();
+        self.host
+            .extend(buf[host].iter().map(u8::to_ascii_lowercase));
+        let Some(rules) = ctx.view.rules_for(&self.host) else {
+            return Routed::Status(404);
+        };
+        let ua = head.user_agent.clone().map(|r| &buf[r]);
+        match rules.route(path, ua, &mut self.scratch) {
+            Decision::Forbidden => Routed::Status(403),
+            Decision::Backend {
+                servername,
+                headers,
+                rewritten,
+            } => {
+                let target = match ctx.view.upstream(servername.as_bytes()) {
+                    Some(up) => match pick(ctx.region, up) {
+                        Some(p) => p,
+                        None => return Routed::Status(502),
+                    },
+                    None => match servername.parse::<SocketAddr>() {
+                        Ok(addr) => Routed::Peer { addr, slot: None },
+                        Err(_) => return Routed::Status(502),
+                    },
+                };
+                let path = if rewritten {
+                    &self.scratch.path[..]
+                } else {
+                    path
+                };
+                write_head(out, buf, head, path, query, headers, ctx.client);
+                target
+            }
+        }
+    }
+}
+
+/// Smooth WRR over the primary peers, then the backups, with the cursors
+/// shared by every worker in the upstream's state slot.
+fn pick(region: &Region, up: &UpstreamRecord) -> Option<Routed> {
+    let slot = region.state_slot(up.cursor_slot as usize)?;
+    let usable = |i: usize| up.peers.get(i).is_some_and(|p| p.available);
+    let chosen = balance::pick(
+        &up.schedule,
+        || slot.word(0).fetch_add(1, Ordering::Relaxed),
+        usable,
+    )
+    .or_else(|| {
+        balance::pick(
+            &up.backup_schedule,
+            || slot.word(1).fetch_add(1, Ordering::Relaxed),
+            usable,
+        )
+    })?;
+    let peer = up.peers.get(chosen)?;
+    Some(Routed::Peer {
+        addr: peer.addr,
+        slot: Some(peer.slot),
+    })
+}
+
+/// Path and query (with its `?`) of an origin-form or absolute-form target.
+fn split_target(target: &[u8]) -> (&[u8], &[u8]) {
+    let origin = match target.windows(3).position(|w| w == b"://") {
+        Some(i) if !target.starts_with(b"/") => {
+            let rest = &target[i + 3..];
+            rest.iter()
+                .position(|b| *b == b'/' || *b == b'?')
+                .map_or(&b"/"[..], |j| &rest[j..])
+        }
+        _ => target,
+    };
+    match origin.iter().position(|b| *b == b'?') {
+        Some(q) => (&origin[..q], &origin[q..]),
+        None => (origin, &[]),
+    }
+}
+
+fn header<'b>(buf: &'b [u8], head: &RequestHead, name: &[u8]) -> Option<&'b [u8]> {
+    head.headers
+        .iter()
+        .find(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(name))
+        .map(|(_, v)| &buf[v.clone()])
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1),
+/// and those ELB sets itself.
+fn skipped(name: &[u8]) -> bool {
+    const SKIP: [&[u8]; 9] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"x-real-ip",
+        b"remote-host",
+        b"x-forwarded-for",
+    ];
+    SKIP.iter().any(|s| name.eq_ignore_ascii_case(s))
+}
+
+/// Writes the request head to send upstream.
+fn write_head(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    path: &[u8],
+    query: &[u8],
+    extra: &[(String, String)],
+    client: IpAddr,
+) {
+    out.extend_from_slice(head.method(buf));
+    out.push(b' ');
+    if !path.starts_with(b"/") && path != b"*" {
+        out.push(b'/');
+    }
+    out.extend_from_slice(path);
+    out.extend_from_slice(query);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut forwarded_for: Option<&[u8]> = None;
+    for (n, v) in &head.headers {
+        let name = &buf[n.clone()];
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            // Several such headers are one list (RFC 9110 5.3); keep the last
+            // list whole and append to it, as nginx's
+            // $proxy_add_x_forwarded_for does with the combined value.
+            forwarded_for = Some(&buf[v.clone()]);
+        }
+        if skipped(name) {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&buf[v.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "X-Real-IP: {client}\r\nREMOTE-HOST: {client}\r\nX-Forwarded-For: "
+    );
+    if let Some(xff) = forwarded_for.filter(|x| !x.is_empty()) {
+        out.extend_from_slice(xff);
+        out.extend_from_slice(b", ");
+    }
+    let _ = write!(out, "{client}\r\n");
+    for (name, value) in extra {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if head.upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+        if let Some(u) = header(buf, head, b"upgrade") {
+            out.extend_from_slice(b"Upgrade: ");
+            out.extend_from_slice(u);
+            out.extend_from_slice(b"\r\n");
+        }
+    } else {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::parse_request;
+
+    #[test]
+    fn targets_split_into_path_and_query() {
+        assert_eq!(split_target(b"/a/b?x=1"), (&b"/a/b"[..], &b"?x=1"[..]));
+        assert_eq!(split_target(b"/"), (&b"/"[..], &b""[..]));
+        assert_eq!(split_target(b"http://h:80/p?q"), (&b"/p"[..], &b"?q"[..]));
+        assert_eq!(split_target(b"http://h"), (&b"/"[..], &b""[..]));
+    }
+
+    #[test]
+    fn the_upstream_head_keeps_host_and_adds_the_client() {
+        let raw = b"GET /old?q=1 HTTP/1.1\r\nHost: Example.com\r\nConnection: close\r\nX-Forwarded-For: 10.0.0.9\r\nX-Real-IP: spoofed\r\n\r\n";
+        let head = parse_request(raw, 1 << 16).expect("ok").expect("complete");
+        let mut out = Vec::new();
+        let extra = vec![("expires".to_string(), "30d".to_string())];
+        write_head(
+            &mut out,
+            raw,
+            &head,
+            b"/new",
+            b"?q=1",
+            &extra,
+            "192.0.2.7".parse().expect("ip"),
+        );
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(
+            text.starts_with("GET /new?q=1 HTTP/1.1\r\nHost: Example.com\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("X-Real-IP: 192.0.2.7\r\n"));
+        assert!(!text.contains("spoofed"));
+        assert!(text.contains("REMOTE-HOST: 192.0.2.7\r\n"));
+        assert!(text.contains("X-Forwarded-For: 10.0.0.9, 192.0.2.7\r\n"));
+        assert!(text.contains("expires: 30d\r\n"));
+        assert!(text.contains("Connection: keep-alive\r\n"));
+        assert!(!text.contains("Connection: close"));
+    }
+}
