@@ -9,9 +9,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        received = len(self.rfile.read(length)) if length else 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                received += size
+                self.rfile.read(size + 2)
+                if size == 0:
+                    break
         body = (
             f"hello from {self.server.name}: {self.path}\n"
             f"X-Real-IP: {self.headers.get('X-Real-IP')}\n"
+            f"body bytes: {received}\n"
         ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")

@@ -445,7 +445,7 @@ fn parse_seconds(origin: &str, v: &str) -> Result<Duration, SettingsError> {
 
 fn seconds(origin: &str, n: Option<f64>) -> Result<Duration, SettingsError> {
     match n {
-        Some(f) if f.is_finite() && f >= 0.0 && f < 1e9 => Ok(Duration::from_secs_f64(f)),
+        Some(f) if (0.0..1e9).contains(&f) => Ok(Duration::from_secs_f64(f)),
         _ => Err(invalid(origin, "not a number of seconds (0 or more)")),
     }
 }

@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use elb_shm::Region;
 use elb_workers::WorkerArgs;
 use elb_workers::access::Access;
-use elb_workers::args::{Limits, Timeouts};
+use elb_workers::args::{Limits, RetryPolicy, Timeouts};
 
 use crate::settings::{AdminAddr, Settings};
 use crate::store::Store;
@@ -211,6 +211,10 @@ impl Supervisor {
                 client_header_ms: ms(s.timeouts.client_header),
                 client_body_ms: ms(s.timeouts.client_body),
                 keepalive_ms: ms(s.timeouts.keepalive),
+            },
+            retry: RetryPolicy {
+                tries: s.upstream.tries,
+                failure_statuses: s.upstream.failure_statuses.clone(),
             },
             shutdown_timeout_ms: ms(s.shutdown_timeout),
         }

@@ -25,6 +25,7 @@ pub struct WorkerArgs {
     pub admin_socket: std::path::PathBuf,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    pub retry: RetryPolicy,
     /// Graceful stop: how long in-flight requests may take, in ms.
     pub shutdown_timeout_ms: u64,
 }
@@ -33,6 +34,15 @@ pub struct WorkerArgs {
 pub struct Limits {
     pub client_max_body_size: u64,
     pub max_header_size: usize,
+}
+
+/// When a request goes to another peer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RetryPolicy {
+    /// Peers tried at most per request.
+    pub tries: u32,
+    /// Answers that count as the peer failing.
+    pub failure_statuses: Vec<u16>,
 }
 
 /// Timeouts in milliseconds.

@@ -9,6 +9,7 @@ pub mod access;
 pub mod args;
 pub mod balance;
 mod event_loop;
+mod health;
 pub mod http;
 mod inherit;
 mod pool;

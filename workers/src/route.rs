@@ -23,8 +23,12 @@ const ADMIN_PREFIX: &[u8] = b"/__erulb__/";
 pub(crate) enum Routed {
     /// Answer here with this status.
     Status(u16),
-    /// Proxy to this peer (its state slot, when it belongs to an upstream).
-    Peer { addr: SocketAddr, slot: Option<u32> },
+    /// Proxy to this peer; `upstream` names the upstream it was picked from
+    /// (none for a direct `host:port`), to pick another on a retry.
+    Peer {
+        peer: Picked,
+        upstream: Option<Box<str>>,
+    },
     /// Hand to the master's admin API.
     Admin,
 }
@@ -80,12 +84,23 @@ impl Router {
                 rewritten,
             } => {
                 let target = match ctx.view.upstream(servername.as_bytes()) {
-                    Some(up) => match pick(ctx.region, up) {
-                        Some(p) => p,
+                    Some(up) => match pick(ctx.region, up, &[], crate::health::now_ms()) {
+                        Some(peer) => Routed::Peer {
+                            peer,
+                            upstream: Some(servername.into()),
+                        },
                         None => return Routed::Status(502),
                     },
                     None => match servername.parse::<SocketAddr>() {
-                        Ok(addr) => Routed::Peer { addr, slot: None },
+                        Ok(addr) => Routed::Peer {
+                            peer: Picked {
+                                addr,
+                                slot: None,
+                                max_fails: 0,
+                                fail_timeout_ms: 0,
+                            },
+                            upstream: None,
+                        },
                         Err(_) => return Routed::Status(502),
                     },
                 };
@@ -101,27 +116,53 @@ impl Router {
     }
 }
 
+/// A peer chosen for a request, with what passive health needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Picked {
+    pub addr: SocketAddr,
+    /// State slot (none for a direct `host:port`).
+    pub slot: Option<u32>,
+    pub max_fails: u32,
+    pub fail_timeout_ms: u64,
+}
+
 /// Smooth WRR over the primary peers, then the backups, with the cursors
-/// shared by every worker in the upstream's state slot.
-fn pick(region: &Region, up: &UpstreamRecord) -> Option<Routed> {
-    let slot = region.state_slot(up.cursor_slot as usize)?;
-    let usable = |i: usize| up.peers.get(i).is_some_and(|p| p.available);
+/// shared by every worker in the upstream's state slot. Peers that are
+/// down, out after failures, or in `exclude` (tried already) are skipped.
+pub(crate) fn pick(
+    region: &Region,
+    up: &UpstreamRecord,
+    exclude: &[SocketAddr],
+    now_ms: u64,
+) -> Option<Picked> {
+    let cursor = region.state_slot(up.cursor_slot as usize)?;
+    let usable = |i: usize| {
+        up.peers.get(i).is_some_and(|p| {
+            p.available
+                && !exclude.contains(&p.addr)
+                && region
+                    .state_slot(p.slot as usize)
+                    .is_none_or(|s| !crate::health::is_out(&s, now_ms))
+        })
+    };
     let chosen = balance::pick(
         &up.schedule,
-        || slot.word(0).fetch_add(1, Ordering::Relaxed),
+        || cursor.word(0).fetch_add(1, Ordering::Relaxed),
         usable,
     )
     .or_else(|| {
         balance::pick(
             &up.backup_schedule,
-            || slot.word(1).fetch_add(1, Ordering::Relaxed),
+            || cursor.word(1).fetch_add(1, Ordering::Relaxed),
             usable,
         )
     })?;
     let peer = up.peers.get(chosen)?;
-    Some(Routed::Peer {
+    Some(Picked {
         addr: peer.addr,
         slot: Some(peer.slot),
+        max_fails: peer.max_fails,
+        fail_timeout_ms: peer.fail_timeout_ms,
     })
 }
 
@@ -150,9 +191,11 @@ fn header<'b>(buf: &'b [u8], head: &RequestHead, name: &[u8]) -> Option<&'b [u8]
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1),
-/// and those ELB sets itself.
+/// and those ELB sets itself (it answers `Expect: 100-continue` itself, as
+/// nginx does).
 fn skipped(name: &[u8]) -> bool {
-    const SKIP: [&[u8]; 9] = [
+    const SKIP: [&[u8]; 10] = [
+        b"expect",
         b"connection",
         b"keep-alive",
         b"proxy-connection",

@@ -9,6 +9,8 @@
 //!
 //! Requests on one connection are handled one after the other; pipelined
 //! requests wait in the read buffer and are answered in order.
+//!
+//! `LIFECYCLE.md` in this crate walks a request through these steps.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -19,16 +21,19 @@ use mio::net::TcpStream;
 use mio::{Registry, Token};
 
 use crate::args::WorkerArgs;
+use crate::health;
 use crate::http::chunked::ChunkedTracker;
 use crate::http::{self, BodyKind, parse_request, parse_response};
 use crate::pool::Pool;
-use crate::route::{RouteCtx, Routed, Router};
-use crate::upstream_conn::UpConn;
+use crate::route::{Picked, RouteCtx, Routed, Router};
+use crate::upstream_conn::{Stream, UpConn};
 
 /// Bytes moved through a session per step and direction.
 const CHUNK: usize = 64 << 10;
 /// A response head from a peer larger than this is an invalid response.
 const MAX_RESPONSE_HEAD: usize = 64 << 10;
+/// A request is kept for a retry while head and body fit in this.
+const REPLAY_LIMIT: usize = 64 << 10;
 
 /// What the loop does with a session after `drive`.
 #[derive(Debug, PartialEq, Eq)]
@@ -74,11 +79,12 @@ impl Body {
         matches!(self, Body::Done)
     }
 
-    /// How many bytes at the start of `avail` belong to this body.
-    fn take(&mut self, avail: &[u8]) -> Result<usize, ()> {
-        match self {
-            Body::Done => Ok(0),
-            Body::UntilClose => Ok(avail.len()),
+    /// Moves the bytes at the start of `avail` that belong to this body to
+    /// `out` (chunk data only, when `decode`); returns how many were used.
+    fn relay(&mut self, avail: &[u8], out: &mut Vec<u8>, decode: bool) -> Result<usize, ()> {
+        let n = match self {
+            Body::Done => 0,
+            Body::UntilClose => avail.len(),
             Body::Length(left) => {
                 let n = avail
                     .len()
@@ -87,19 +93,40 @@ impl Body {
                 if *left == 0 {
                     *self = Body::Done;
                 }
-                Ok(n)
+                n
             }
             Body::Chunked(t) => {
-                let n = t.advance(avail).map_err(|_| ())?;
+                let n = if decode {
+                    t.decode(avail, out).map_err(|_| ())?
+                } else {
+                    t.advance(avail).map_err(|_| ())?
+                };
                 if t.is_done() {
                     *self = Body::Done;
                 }
-                Ok(n)
+                if decode {
+                    return Ok(n);
+                }
+                n
             }
-        }
+        };
+        out.extend_from_slice(&avail[..n]);
+        Ok(n)
     }
 }
 
+/// Why a peer did not serve a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Error,
+    Timeout,
+    /// Answered with a status in `failure_statuses`.
+    Status,
+}
+
+// Sessions live in the worker's slab, so an inline exchange costs memory
+// only per connection; boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Phase {
     /// Waiting for a request head.
     Head,
@@ -110,21 +137,32 @@ enum Phase {
 
 struct Exchange {
     up: Option<UpConn>,
-    /// Where to connect (none for the admin API).
-    peer: Option<SocketAddr>,
+    /// The peer (none for the admin API).
+    peer: Option<Picked>,
+    /// The upstream the peer was picked from, to pick another on a retry.
+    upstream: Option<Box<str>>,
+    tried: Vec<SocketAddr>,
+    tries_left: u32,
+    /// GET and the like may be sent again after a peer saw them; POST,
+    /// PATCH and LOCK only if no peer did.
+    idempotent: bool,
+    /// Head and body bytes for the peer. While `replayable`, everything sent
+    /// stays here (`to_up_pos` marks what is written), so a retry resends it.
     to_up: Vec<u8>,
     to_up_pos: usize,
-    /// A copy of the request head, to send again on a fresh connection
-    /// when a pooled one turns out closed.
-    head: Vec<u8>,
+    replayable: bool,
+    reached_peer: bool,
     req_body: Body,
-    body_sent: bool,
+    body_bytes: u64,
     up_in: Vec<u8>,
     resp: Option<Body>,
+    /// The client speaks HTTP/1.0: chunked answers are decoded for it.
+    decode_chunked: bool,
     head_request: bool,
     upgrade: bool,
+    poolable: bool,
     client_keep: bool,
-    client_minor: u8,
+    /// A final answer's head went to the client.
     answered: bool,
 }
 
@@ -197,28 +235,33 @@ impl Session {
         Drive::Keep
     }
 
-    /// The deadline passed: answer 504 if a peer kept us waiting, else close.
+    /// The deadline passed: a peer that kept us waiting is a failure (504
+    /// when no other peer can take the request); anything else closes.
     pub fn on_timeout(&mut self, cx: &mut Cx<'_>) -> Drive {
-        if let Phase::Exchange(x) = &mut self.phase
-            && !x.answered
-            && x.req_body.is_done()
-        {
-            if let Some(mut up) = x.up.take() {
-                let _ = cx.registry.deregister(&mut up);
+        let waiting_for_peer = match &self.phase {
+            Phase::Exchange(x) => {
+                !x.answered && x.req_body.is_done() && self.out_pos >= self.out.len()
             }
-            self.answer_local(504, false);
-            return self.drive(cx);
+            _ => false,
+        };
+        if !waiting_for_peer {
+            return Drive::Close;
         }
-        Drive::Close
+        match self.fail(cx, Failure::Timeout, "timed out") {
+            Ok(_) => self.drive(cx),
+            Err(()) => Drive::Close,
+        }
     }
 
     fn timeout(&self, args: &WorkerArgs) -> Duration {
         let t = &args.timeouts;
+        let sending = self.out_pos < self.out.len();
         let ms = match &self.phase {
             Phase::Head if self.is_idle() => t.keepalive_ms,
             Phase::Head | Phase::Closing => t.client_header_ms,
             Phase::Exchange(x) if x.up.as_ref().is_some_and(|u| !u.connected) => t.connect_ms,
-            Phase::Exchange(x) if !x.req_body.is_done() => t.client_body_ms,
+            Phase::Exchange(x) if !x.req_body.is_done() || sending => t.client_body_ms,
+            Phase::Exchange(x) if x.upgrade && x.answered => t.keepalive_ms,
             Phase::Exchange(_) => t.upstream_read_ms,
         };
         Duration::from_millis(ms)
@@ -257,7 +300,13 @@ impl Session {
         Ok(progress)
     }
 
-    fn answer_local(&mut self, status: u16, keep: bool) {
+    /// Answers here. Keeping the connection needs no unread request body.
+    fn answer_local(&mut self, cx: &mut Cx<'_>, status: u16, keep: bool) {
+        if let Phase::Exchange(x) = &mut self.phase
+            && let Some(mut up) = x.up.take()
+        {
+            let _ = cx.registry.deregister(&mut up);
+        }
         http::write::error_page(&mut self.out, status, keep);
         self.phase = if keep { Phase::Head } else { Phase::Closing };
     }
@@ -275,26 +324,27 @@ impl Session {
         };
         let head = match parsed {
             Ok(Some(h)) => h,
-            Ok(None) => {
-                if self.client_eof {
-                    return Err(());
-                }
-                return Ok(progress);
-            }
+            Ok(None) if self.client_eof => return Err(()),
+            Ok(None) => return Ok(progress),
             Err(e) => {
+                // Nothing of it reaches a peer; the connection is closed, so a
+                // smuggled second request cannot follow.
                 self.inbuf.clear();
-                self.answer_local(e.status(), false);
+                self.answer_local(cx, e.status(), false);
                 return Ok(true);
             }
         };
         if let Some(slot) = cx.region.worker_slot(cx.args.index) {
             slot.count_request();
         }
+        let has_body = head.body != BodyKind::None;
+        let keep = head.keep_alive;
         if let BodyKind::Length(n) = head.body
             && n > cx.args.limits.client_max_body_size
         {
+            // At once, and without a 100 Continue first.
             self.inbuf.clear();
-            self.answer_local(413, false);
+            self.answer_local(cx, 413, false);
             return Ok(true);
         }
         let rctx = RouteCtx {
@@ -303,122 +353,177 @@ impl Session {
             access: &cx.args.admin_access,
             client: self.client_addr.ip(),
         };
-        let mut to_up = Vec::with_capacity(head.len + 128);
+        let mut to_up = Vec::with_capacity(head.len + 256);
         let routed = cx.router.route(&rctx, &self.inbuf, &head, &mut to_up);
-        let has_body = head.body != BodyKind::None;
-        let keep = head.keep_alive;
-        let x = Exchange {
-            up: None,
-            peer: None,
-            head: Vec::new(),
-            to_up,
-            to_up_pos: 0,
-            req_body: Body::new(head.body),
-            body_sent: false,
-            up_in: Vec::new(),
-            resp: None,
-            head_request: head.method(&self.inbuf) == b"HEAD",
-            upgrade: head.upgrade,
-            client_keep: keep,
-            client_minor: head.minor_version,
-            answered: false,
-        };
+        let method = head.method(&self.inbuf);
+        let idempotent = !matches!(method, b"POST" | b"PATCH" | b"LOCK");
+        let head_request = method == b"HEAD";
+        let continue_first = head.expect_continue && has_body && head.minor_version >= 1;
         self.inbuf.drain(..head.len);
-        let mut x = x;
-        let connected = match routed {
+        let (peer, upstream) = match routed {
             Routed::Status(status) => {
                 // A body we will not read would be taken for the next request.
-                self.answer_local(status, keep && !has_body);
+                self.answer_local(cx, status, keep && !has_body);
                 return Ok(true);
             }
-            Routed::Peer { addr, .. } => {
-                x.peer = Some(addr);
-                match cx.pool.take(addr, cx.now) {
-                    Some(s) => Ok(UpConn::pooled(addr, s)),
-                    None => UpConn::connect(addr),
-                }
-            }
-            Routed::Admin => UpConn::admin(cx.admin_socket),
+            Routed::Peer { peer, upstream } => (Some(peer), upstream),
+            Routed::Admin => (None, None),
         };
-        let mut up = match connected {
-            Ok(u) => u,
-            Err(e) => {
-                log::warn!("connect to {}: {e}", peer_name(x.peer));
-                self.answer_local(502, keep && !has_body);
-                return Ok(true);
-            }
-        };
-        if up.register(cx.registry, cx.up_token).is_err() {
-            self.answer_local(502, false);
-            return Ok(true);
+        if continue_first {
+            self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
-        if up.reused {
-            x.head = x.to_up.clone();
-        }
-        x.up = Some(up);
-        self.phase = Phase::Exchange(x);
+        self.phase = Phase::Exchange(Exchange {
+            up: None,
+            peer,
+            upstream,
+            tried: Vec::new(),
+            tries_left: cx.args.retry.tries.max(1),
+            idempotent,
+            to_up,
+            to_up_pos: 0,
+            replayable: true,
+            reached_peer: false,
+            req_body: Body::new(head.body),
+            body_bytes: 0,
+            up_in: Vec::new(),
+            resp: None,
+            decode_chunked: head.minor_version == 0,
+            head_request,
+            upgrade: head.upgrade,
+            poolable: true,
+            client_keep: keep,
+            answered: false,
+        });
+        self.connect(cx)?;
         Ok(true)
     }
 
-    fn step_exchange(&mut self, cx: &mut Cx<'_>) -> Result<bool, ()> {
+    /// Opens (or takes from the pool) a connection for the current peer; on
+    /// failure moves on like any other peer failure.
+    fn connect(&mut self, cx: &mut Cx<'_>) -> Result<bool, ()> {
         let Phase::Exchange(x) = &mut self.phase else {
-            return Ok(false);
+            return Err(());
         };
-        let mut progress = false;
-        let Some(up) = x.up.as_mut() else {
-            return Ok(false);
+        let conn = match x.peer {
+            Some(p) => match cx.pool.take(p.addr, cx.now) {
+                Some(s) => Ok(UpConn::pooled(p.addr, s)),
+                None => UpConn::connect(p.addr),
+            },
+            None => UpConn::admin(cx.admin_socket),
         };
-        match up.check_connected() {
-            Ok(true) => {}
-            Ok(false) => return Ok(false),
-            Err(e) => return self.upstream_failed(cx, &e.to_string()),
+        let registered = conn.and_then(|mut c| c.register(cx.registry, cx.up_token).map(|()| c));
+        match registered {
+            Ok(c) => {
+                x.up = Some(c);
+                x.poolable = x.peer.is_some();
+                Ok(true)
+            }
+            Err(e) => self.fail(cx, Failure::Error, &e.to_string()),
         }
-        // Request: queued bytes, then more body from the client.
+    }
+
+    fn step_exchange(&mut self, cx: &mut Cx<'_>) -> Result<bool, ()> {
+        let mut progress = false;
+        {
+            let Phase::Exchange(x) = &mut self.phase else {
+                return Ok(false);
+            };
+            let Some(up) = x.up.as_mut() else {
+                return Ok(false);
+            };
+            match up.check_connected() {
+                Ok(true) => {}
+                Ok(false) => return Ok(false),
+                Err(e) => return self.fail(cx, Failure::Error, &e.to_string()),
+            }
+        }
+        progress |= self.send_request(cx)?;
+        if !matches!(self.phase, Phase::Exchange(_)) {
+            return Ok(true);
+        }
+        progress |= self.receive_response(cx)?;
+        if let Phase::Exchange(x) = &self.phase
+            && matches!(x.resp, Some(Body::Done))
+            && x.req_body.is_done()
+        {
+            return self.finish(cx);
+        }
+        Ok(progress)
+    }
+
+    /// Writes what is queued for the peer, then more body from the client.
+    fn send_request(&mut self, cx: &mut Cx<'_>) -> Result<bool, ()> {
+        let mut progress = false;
         loop {
+            let Phase::Exchange(x) = &mut self.phase else {
+                return Ok(progress);
+            };
+            let Some(up) = x.up.as_mut() else {
+                return Ok(progress);
+            };
             while x.to_up_pos < x.to_up.len() {
                 match up.write(&x.to_up[x.to_up_pos..]) {
-                    Ok(0) => return self.upstream_failed(cx, "peer closed the connection"),
+                    Ok(0) => return self.peer_closed(cx, "closed the connection"),
                     Ok(n) => {
                         x.to_up_pos += n;
+                        x.reached_peer = true;
                         progress = true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progress),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return self.upstream_failed(cx, &e.to_string()),
+                    Err(e) => return self.peer_closed(cx, &e.to_string()),
                 }
             }
-            if x.to_up_pos < x.to_up.len() || x.req_body.is_done() {
-                break;
+            if x.req_body.is_done() {
+                return Ok(progress);
             }
-            x.to_up.clear();
-            x.to_up_pos = 0;
             if self.inbuf.is_empty() {
                 if self.client_eof {
-                    if matches!(x.req_body, Body::UntilClose) {
-                        x.req_body = Body::Done;
-                        break;
-                    }
                     return Err(());
                 }
                 match read_into(&mut self.client, &mut self.inbuf, CHUNK) {
                     Ok(0) => self.client_eof = true,
                     Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progress),
                     Err(_) => return Err(()),
                 }
                 continue;
             }
-            let n = x.req_body.take(&self.inbuf).map_err(|()| ())?;
-            x.to_up.extend_from_slice(&self.inbuf[..n]);
-            self.inbuf.drain(..n);
-            x.body_sent |= n > 0;
-            progress |= n > 0;
-        }
-        // Response: read while the client's queue is short.
-        loop {
-            let Phase::Exchange(x) = &mut self.phase else {
-                break;
+            if !x.replayable {
+                x.to_up.clear();
+                x.to_up_pos = 0;
+            }
+            let before = x.to_up.len();
+            let Ok(n) = x.req_body.relay(&self.inbuf, &mut x.to_up, false) else {
+                let answered = x.answered;
+                return self.refuse(cx, answered, 400);
             };
+            self.inbuf.drain(..n);
+            x.body_bytes += n as u64;
+            if x.replayable && x.to_up.len() > REPLAY_LIMIT {
+                x.replayable = false;
+            }
+            progress |= x.to_up.len() > before;
+            if x.body_bytes > cx.args.limits.client_max_body_size {
+                let answered = x.answered;
+                return self.refuse(cx, answered, 413);
+            }
+        }
+    }
+
+    /// A bad request body: answer `status` unless an answer began; close.
+    fn refuse(&mut self, cx: &mut Cx<'_>, answered: bool, status: u16) -> Result<bool, ()> {
+        if answered {
+            return Err(());
+        }
+        self.answer_local(cx, status, false);
+        Ok(true)
+    }
+
+    /// Reads the peer's answer while the client's queue is short.
+    fn receive_response(&mut self, cx: &mut Cx<'_>) -> Result<bool, ()> {
+        let mut progress = false;
+        while let Phase::Exchange(x) = &mut self.phase {
             if self.out.len() >= CHUNK || matches!(x.resp, Some(Body::Done)) {
                 break;
             }
@@ -429,109 +534,127 @@ impl Session {
                         Some(Body::UntilClose) => {
                             x.resp = Some(Body::Done);
                             x.client_keep = false;
+                            x.poolable = false;
+                            if matches!(x.req_body, Body::UntilClose) {
+                                x.req_body = Body::Done;
+                            }
                             self.finish(cx)
                         }
-                        None if x.up_in.is_empty() => {
-                            self.upstream_failed(cx, "peer closed the connection")
-                        }
-                        // Cut short: the client cannot be told but by a close.
-                        _ => Err(()),
+                        None if x.up_in.is_empty() => self.peer_closed(cx, "closed the connection"),
+                        None => self.fail(cx, Failure::Error, "sent an incomplete response"),
+                        // Cut short: the client can only be told by a close.
+                        Some(_) => Err(()),
                     };
                 }
                 Ok(_) => progress = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    return if x.answered {
-                        Err(())
-                    } else {
-                        self.upstream_failed(cx, &e.to_string())
-                    };
+                    if x.answered {
+                        return Err(());
+                    }
+                    return self.peer_closed(cx, &e.to_string());
                 }
             }
-            progress |= self.relay_response()?;
+            progress |= self.relay_response(cx)?;
         }
-        progress |= self.relay_response()?;
-        if let Phase::Exchange(x) = &self.phase
-            && matches!(x.resp, Some(Body::Done))
-            && x.req_body.is_done()
-        {
-            return self.finish(cx);
-        }
+        progress |= self.relay_response(cx)?;
         Ok(progress)
     }
 
     /// Moves parsed response bytes from the peer's buffer to the client's.
-    fn relay_response(&mut self) -> Result<bool, ()> {
-        let Phase::Exchange(x) = &mut self.phase else {
-            return Ok(false);
-        };
+    fn relay_response(&mut self, cx: &mut Cx<'_>) -> Result<bool, ()> {
         let mut progress = false;
-        while !x.up_in.is_empty() {
-            match &mut x.resp {
-                None => {
-                    let head = match parse_response(&x.up_in, MAX_RESPONSE_HEAD) {
-                        Ok(Some(h)) => h,
-                        Ok(None) => return Ok(progress),
-                        Err(_) if !x.answered => {
-                            x.up = None;
-                            self.answer_local(502, false);
-                            return Ok(true);
-                        }
-                        Err(_) => return Err(()),
-                    };
-                    x.answered = true;
-                    progress = true;
-                    if (100..200).contains(&head.status) && head.status != 101 {
-                        // An interim answer (100 Continue): pass it on as is.
+        loop {
+            let Phase::Exchange(x) = &mut self.phase else {
+                return Ok(progress);
+            };
+            if x.up_in.is_empty() {
+                return Ok(progress);
+            }
+            let Some(body) = &mut x.resp else {
+                let head = match parse_response(&x.up_in, MAX_RESPONSE_HEAD) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => return Ok(progress),
+                    Err(_) => return self.fail(cx, Failure::Error, "sent an invalid response"),
+                };
+                progress = true;
+                if (100..200).contains(&head.status) && head.status != 101 {
+                    // ELB answered 100 Continue itself; other interim
+                    // answers (103 Early Hints) go on as they are.
+                    if head.status != 100 {
                         self.out.extend_from_slice(&x.up_in[..head.len]);
-                        x.up_in.drain(..head.len);
-                        continue;
                     }
-                    let tunnel = head.status == 101 && x.upgrade;
-                    let body = if tunnel {
-                        x.req_body = Body::UntilClose;
-                        Body::UntilClose
-                    } else if x.head_request
-                        || head.status == 204
-                        || head.status == 304
-                        || head.status < 200
-                    {
-                        Body::Done
-                    } else if head.until_close {
-                        Body::UntilClose
-                    } else {
-                        Body::new(head.body)
-                    };
-                    // Only a response whose end the client can see keeps the
-                    // client connection; chunked needs an HTTP/1.1 client.
-                    let delimited = !matches!(body, Body::UntilClose)
-                        && (head.body != BodyKind::Chunked || x.client_minor >= 1);
-                    x.client_keep &= delimited && !tunnel;
-                    write_client_head(&mut self.out, &x.up_in, &head, x.client_keep, tunnel);
                     x.up_in.drain(..head.len);
-                    if !head.keep_alive || tunnel {
-                        // The peer closes after this answer: not poolable.
-                        x.peer = None;
-                    }
-                    x.resp = Some(body);
+                    continue;
                 }
-                Some(body) => {
-                    if body.is_done() {
-                        // Bytes after the end of the response: the peer is
-                        // confused; do not reuse its connection.
-                        x.peer = None;
-                        x.up_in.clear();
-                        return Ok(progress);
+                if let Some(p) = x.peer
+                    && let Some(slot) = p.slot.and_then(|s| cx.region.state_slot(s as usize))
+                {
+                    if cx.args.retry.failure_statuses.contains(&head.status) {
+                        health::record_failure(
+                            &slot,
+                            health::now_ms(),
+                            p.max_fails,
+                            p.fail_timeout_ms,
+                        );
+                        if self.may_retry() {
+                            return self.fail(
+                                cx,
+                                Failure::Status,
+                                "answered with a failure status",
+                            );
+                        }
+                    } else {
+                        health::record_success(&slot);
                     }
-                    let n = body.take(&x.up_in)?;
-                    self.out.extend_from_slice(&x.up_in[..n]);
-                    x.up_in.drain(..n);
-                    progress |= n > 0;
                 }
+                let Phase::Exchange(x) = &mut self.phase else {
+                    return Ok(progress);
+                };
+                x.answered = true;
+                let tunnel = head.status == 101 && x.upgrade;
+                let body = if tunnel {
+                    x.req_body = Body::UntilClose;
+                    Body::UntilClose
+                } else if x.head_request || head.status == 204 || head.status == 304 {
+                    Body::Done
+                } else if head.until_close {
+                    Body::UntilClose
+                } else {
+                    Body::new(head.body)
+                };
+                let chunked = matches!(body, Body::Chunked(_));
+                x.decode_chunked &= chunked;
+                // Only an answer whose end the client can see keeps the
+                // client's connection.
+                x.client_keep &= !matches!(body, Body::UntilClose) && !x.decode_chunked && !tunnel;
+                x.poolable &= head.keep_alive && !tunnel;
+                write_client_head(
+                    &mut self.out,
+                    &x.up_in,
+                    &head,
+                    x.client_keep,
+                    tunnel,
+                    x.decode_chunked,
+                );
+                x.up_in.drain(..head.len);
+                x.resp = Some(body);
+                continue;
+            };
+            if body.is_done() {
+                // Bytes past the end of the answer: the peer is confused.
+                x.poolable = false;
+                x.up_in.clear();
+                return Ok(progress);
+            }
+            let n = body.relay(&x.up_in, &mut self.out, x.decode_chunked)?;
+            x.up_in.drain(..n);
+            progress |= n > 0;
+            if n == 0 {
+                return Ok(progress);
             }
         }
-        Ok(progress)
     }
 
     /// The exchange is over: pool the peer connection, go on with the client.
@@ -541,8 +664,8 @@ impl Session {
         };
         if let Some(mut up) = x.up {
             let _ = cx.registry.deregister(&mut up);
-            if let (Some(addr), crate::upstream_conn::Stream::Tcp(s)) =
-                (x.peer.and(up.addr), up.stream)
+            if x.poolable
+                && let (Some(addr), Stream::Tcp(s)) = (up.addr, up.stream)
             {
                 cx.pool.put(addr, s, cx.now);
             }
@@ -553,40 +676,94 @@ impl Session {
         Ok(true)
     }
 
-    /// A peer failed before answering: try a fresh connection when a pooled
-    /// one had been closed by the peer, else answer 502.
-    fn upstream_failed(&mut self, cx: &mut Cx<'_>, why: &str) -> Result<bool, ()> {
+    /// The peer closed or reset the connection. On a pooled connection
+    /// before any answer, that is the peer having closed it while idle: not
+    /// a failure, the request goes again on a fresh connection.
+    fn peer_closed(&mut self, cx: &mut Cx<'_>, why: &str) -> Result<bool, ()> {
+        if let Phase::Exchange(x) = &mut self.phase
+            && x.up.as_ref().is_some_and(|u| u.reused)
+            && !x.answered
+            && x.replayable
+            && x.up_in.is_empty()
+        {
+            if let Some(mut up) = x.up.take() {
+                let _ = cx.registry.deregister(&mut up);
+            }
+            x.to_up_pos = 0;
+            if let Some(p) = x.peer {
+                let fresh = UpConn::connect(p.addr)
+                    .and_then(|mut c| c.register(cx.registry, cx.up_token).map(|()| c));
+                if let Ok(c) = fresh {
+                    x.up = Some(c);
+                    return Ok(true);
+                }
+            }
+        }
+        self.fail(cx, Failure::Error, why)
+    }
+
+    fn may_retry(&self) -> bool {
+        let Phase::Exchange(x) = &self.phase else {
+            return false;
+        };
+        x.upstream.is_some()
+            && x.tries_left > 1
+            && !x.answered
+            && x.replayable
+            && (x.idempotent || !x.reached_peer)
+    }
+
+    /// A peer failed this request: count it for passive health, then try
+    /// the next peer when allowed, else answer 502 (504 after a timeout).
+    fn fail(&mut self, cx: &mut Cx<'_>, failure: Failure, why: &str) -> Result<bool, ()> {
+        let retry = self.may_retry();
         let Phase::Exchange(x) = &mut self.phase else {
             return Err(());
         };
-        let Some(mut up) = x.up.take() else {
-            return Err(());
-        };
-        let _ = cx.registry.deregister(&mut up);
+        if let Some(mut up) = x.up.take() {
+            let _ = cx.registry.deregister(&mut up);
+        }
         if x.answered {
             return Err(());
         }
-        if up.reused
-            && !x.body_sent
-            && let Some(addr) = x.peer
-            && let Ok(mut fresh) = UpConn::connect(addr)
-            && fresh.register(cx.registry, cx.up_token).is_ok()
+        let now = health::now_ms();
+        if failure != Failure::Status
+            && let Some(p) = x.peer
+            && let Some(slot) = p.slot.and_then(|s| cx.region.state_slot(s as usize))
         {
-            x.to_up = std::mem::take(&mut x.head);
-            x.to_up_pos = 0;
-            x.up_in.clear();
-            x.up = Some(fresh);
-            return Ok(true);
+            health::record_failure(&slot, now, p.max_fails, p.fail_timeout_ms);
         }
-        log::warn!("peer {}: {why}", peer_name(x.peer));
-        let keep = x.client_keep && x.req_body.is_done() && !x.body_sent;
-        self.answer_local(502, keep);
+        let name = x
+            .peer
+            .map_or_else(|| "admin API".to_string(), |p| p.addr.to_string());
+        log::warn!("peer {name}: {why}");
+        if retry
+            && let Some(current) = x.peer
+            && let Some(up) = x
+                .upstream
+                .as_deref()
+                .and_then(|n| cx.view.upstream(n.as_bytes()))
+        {
+            x.tried.push(current.addr);
+            if let Some(next) = crate::route::pick(cx.region, up, &x.tried, now) {
+                x.peer = Some(next);
+                x.tries_left -= 1;
+                x.to_up_pos = 0;
+                x.reached_peer = false;
+                x.up_in.clear();
+                x.resp = None;
+                return self.connect(cx);
+            }
+        }
+        let status = if failure == Failure::Timeout {
+            504
+        } else {
+            502
+        };
+        let keep = x.client_keep && x.req_body.is_done();
+        self.answer_local(cx, status, keep);
         Ok(true)
     }
-}
-
-fn peer_name(peer: Option<SocketAddr>) -> String {
-    peer.map_or_else(|| "admin".to_string(), |a| a.to_string())
 }
 
 /// Reads once into the spare room at the end of `buf` (growing it by up to
@@ -622,6 +799,7 @@ fn write_client_head(
     head: &http::ResponseHead,
     keep: bool,
     tunnel: bool,
+    decoded: bool,
 ) {
     // The status line with our version: the reason phrase is kept.
     let line_end = buf.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
@@ -634,7 +812,10 @@ fn write_client_head(
     out.extend_from_slice(b"\r\n");
     for (n, v) in &head.headers {
         let name = &buf[n.clone()];
-        if hop_by_hop(name) || (!tunnel && name.eq_ignore_ascii_case(b"upgrade")) {
+        if hop_by_hop(name)
+            || (!tunnel && name.eq_ignore_ascii_case(b"upgrade"))
+            || (decoded && name.eq_ignore_ascii_case(b"transfer-encoding"))
+        {
             continue;
         }
         out.extend_from_slice(name);

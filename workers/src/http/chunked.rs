@@ -53,6 +53,16 @@ impl ChunkedTracker {
     /// Consumes body bytes from the start of `buf`; returns how many belong
     /// to this body (all of `buf` unless the body ends inside it).
     pub fn advance(&mut self, buf: &[u8]) -> Result<usize, ChunkError> {
+        self.step(buf, None)
+    }
+
+    /// As [`advance`](Self::advance), appending only the chunks' data to
+    /// `data` (for a client that cannot read chunked framing).
+    pub fn decode(&mut self, buf: &[u8], data: &mut Vec<u8>) -> Result<usize, ChunkError> {
+        self.step(buf, Some(data))
+    }
+
+    fn step(&mut self, buf: &[u8], mut data: Option<&mut Vec<u8>>) -> Result<usize, ChunkError> {
         let mut i = 0;
         while i < buf.len() {
             let b = buf[i];
@@ -60,6 +70,9 @@ impl ChunkedTracker {
                 State::Done => return Ok(i),
                 State::Data { left } => {
                     let take = (buf.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    if let Some(d) = data.as_mut() {
+                        d.extend_from_slice(&buf[i..i + take]);
+                    }
                     i += take;
                     let left = left - take as u64;
                     self.state = if left == 0 {
@@ -156,6 +169,18 @@ mod tests {
         ] {
             assert_eq!(run_bytewise(bad), Err(ChunkError), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn decoding_keeps_only_the_data() {
+        let body = b"5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nT: 1\r\n\r\n";
+        let mut t = ChunkedTracker::default();
+        let mut data = Vec::new();
+        for piece in body.chunks(3) {
+            t.decode(piece, &mut data).expect("valid");
+        }
+        assert!(t.is_done());
+        assert_eq!(data, b"hello world");
     }
 
     #[test]
