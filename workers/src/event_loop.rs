@@ -26,6 +26,8 @@ const SIGNALS: Token = Token(usize::MAX - 2);
 /// Listener `i` has token `i`; session `k` has `CONN_BASE + 2k` for its
 /// client and `CONN_BASE + 2k + 1` for its peer connection.
 const CONN_BASE: usize = 1 << 16;
+/// Bytes read from a socket at once.
+const READ_SIZE: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
@@ -44,6 +46,8 @@ pub(crate) struct Worker {
     reader: ConfigReader<'static>,
     router: Router,
     pool: Pool,
+    scratch: Vec<u8>,
+    headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
     /// Set on SIGTERM/SIGINT: no new connections, exit once idle.
     draining_until: Option<Instant>,
 }
@@ -84,6 +88,8 @@ impl Worker {
             view: View::default(),
             router: Router::default(),
             pool: Pool::default(),
+            scratch: vec![0; READ_SIZE],
+            headers: Vec::new(),
             draining_until: None,
         })
     }
@@ -241,6 +247,8 @@ impl Worker {
             admin_socket: &self.args.admin_socket,
             now: Instant::now(),
             up_token: Token(CONN_BASE + 2 * key + 1),
+            scratch: &mut self.scratch,
+            headers: &mut self.headers,
         };
         let next = if timed_out {
             session.on_timeout(&mut cx)

@@ -23,7 +23,7 @@ use mio::{Registry, Token};
 use crate::args::WorkerArgs;
 use crate::health;
 use crate::http::chunked::ChunkedTracker;
-use crate::http::{self, BodyKind, parse_request, parse_response};
+use crate::http::{self, BodyKind, parse_request_into, parse_response};
 use crate::pool::Pool;
 use crate::route::{Picked, RouteCtx, Routed, Router};
 use crate::upstream_conn::{Stream, UpConn};
@@ -54,6 +54,11 @@ pub(crate) struct Cx<'a> {
     pub now: Instant,
     /// Token for this session's upstream connection.
     pub up_token: Token,
+    /// The worker's read buffer: reads land here, then only the bytes read
+    /// are appended where they belong (no zero-filling per read).
+    pub scratch: &'a mut [u8],
+    /// The header list of the last request head, for the next one.
+    pub headers: &'a mut Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
 }
 
 /// How much of a body is still to come.
@@ -174,6 +179,8 @@ pub(crate) struct Session {
     out_pos: usize,
     client_eof: bool,
     phase: Phase,
+    /// Buffers of the last exchange, kept for the next one.
+    spare: (Vec<u8>, Vec<u8>),
     /// When this session times out, and the timer entry that will notice.
     pub deadline: Instant,
     pub armed: Option<Instant>,
@@ -189,6 +196,7 @@ impl Session {
             out_pos: 0,
             client_eof: false,
             phase: Phase::Head,
+            spare: (Vec::new(), Vec::new()),
             deadline,
             armed: None,
         }
@@ -287,10 +295,10 @@ impl Session {
     }
 
     /// Reads from the client while `inbuf` holds less than `limit`.
-    fn read_client(&mut self, limit: usize) -> Result<bool, ()> {
+    fn read_client(&mut self, limit: usize, scratch: &mut [u8]) -> Result<bool, ()> {
         let mut progress = false;
         while !self.client_eof && self.inbuf.len() < limit {
-            match read_into(&mut self.client, &mut self.inbuf, CHUNK) {
+            match read_into(&mut self.client, &mut self.inbuf, scratch) {
                 Ok(0) => self.client_eof = true,
                 Ok(_) => progress = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -315,10 +323,10 @@ impl Session {
         let max_head = cx.args.limits.max_header_size;
         let mut progress = false;
         // A pipelined request may already be buffered; read only for more.
-        let parsed = match parse_request(&self.inbuf, max_head) {
+        let parsed = match parse_request_into(&self.inbuf, max_head, std::mem::take(cx.headers)) {
             Ok(None) => {
-                progress |= self.read_client(max_head + 1)?;
-                parse_request(&self.inbuf, max_head)
+                progress |= self.read_client(max_head + 1, cx.scratch)?;
+                parse_request_into(&self.inbuf, max_head, std::mem::take(cx.headers))
             }
             other => other,
         };
@@ -353,13 +361,18 @@ impl Session {
             access: &cx.args.admin_access,
             client: self.client_addr.ip(),
         };
-        let mut to_up = Vec::with_capacity(head.len + 256);
+        let (mut to_up, mut up_in) = std::mem::take(&mut self.spare);
+        to_up.clear();
+        up_in.clear();
         let routed = cx.router.route(&rctx, &self.inbuf, &head, &mut to_up);
         let method = head.method(&self.inbuf);
         let idempotent = !matches!(method, b"POST" | b"PATCH" | b"LOCK");
         let head_request = method == b"HEAD";
         let continue_first = head.expect_continue && has_body && head.minor_version >= 1;
         self.inbuf.drain(..head.len);
+        let upgrade = head.upgrade;
+        let decode_chunked = head.minor_version == 0;
+        *cx.headers = head.headers;
         let (peer, upstream) = match routed {
             Routed::Status(status) => {
                 // A body we will not read would be taken for the next request.
@@ -385,11 +398,11 @@ impl Session {
             reached_peer: false,
             req_body: Body::new(head.body),
             body_bytes: 0,
-            up_in: Vec::new(),
+            up_in,
             resp: None,
-            decode_chunked: head.minor_version == 0,
+            decode_chunked,
             head_request,
-            upgrade: head.upgrade,
+            upgrade,
             poolable: true,
             client_keep: keep,
             answered: false,
@@ -481,7 +494,7 @@ impl Session {
                 if self.client_eof {
                     return Err(());
                 }
-                match read_into(&mut self.client, &mut self.inbuf, CHUNK) {
+                match read_into(&mut self.client, &mut self.inbuf, cx.scratch) {
                     Ok(0) => self.client_eof = true,
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progress),
@@ -528,7 +541,7 @@ impl Session {
                 break;
             }
             let Some(up) = x.up.as_mut() else { break };
-            match read_into(up, &mut x.up_in, CHUNK) {
+            match read_into(up, &mut x.up_in, cx.scratch) {
                 Ok(0) => {
                     return match x.resp {
                         Some(Body::UntilClose) => {
@@ -662,6 +675,10 @@ impl Session {
         let Phase::Exchange(x) = std::mem::replace(&mut self.phase, Phase::Head) else {
             return Ok(false);
         };
+        // Keep modest buffers for the next exchange; let big ones go.
+        if x.to_up.capacity() <= CHUNK && x.up_in.capacity() <= 2 * CHUNK {
+            self.spare = (x.to_up, x.up_in);
+        }
         if let Some(mut up) = x.up {
             let _ = cx.registry.deregister(&mut up);
             if x.poolable
@@ -766,19 +783,18 @@ impl Session {
     }
 }
 
-/// Reads once into the spare room at the end of `buf` (growing it by up to
-/// `chunk`); returns the bytes read.
-fn read_into(r: &mut impl Read, buf: &mut Vec<u8>, chunk: usize) -> io::Result<usize> {
-    let start = buf.len();
-    buf.resize(start + chunk, 0);
-    let res = loop {
-        match r.read(&mut buf[start..]) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => break other,
+/// Reads once through `scratch` and appends what came to `buf`.
+fn read_into(r: &mut impl Read, buf: &mut Vec<u8>, scratch: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match r.read(scratch) {
+            Ok(n) => {
+                buf.extend_from_slice(&scratch[..n]);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-    };
-    buf.truncate(start + *res.as_ref().unwrap_or(&0));
-    res
+    }
 }
 
 /// Headers of a response that concern only the peer's connection.

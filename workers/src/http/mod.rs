@@ -5,4 +5,7 @@ pub mod chunked;
 pub mod parse;
 pub mod write;
 
-pub use parse::{BodyKind, ParseError, RequestHead, ResponseHead, parse_request, parse_response};
+pub use parse::{
+    BodyKind, ParseError, RequestHead, ResponseHead, parse_request, parse_request_into,
+    parse_response,
+};

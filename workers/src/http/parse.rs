@@ -74,6 +74,17 @@ fn range_of(buf: &[u8], part: &[u8]) -> Range<usize> {
 /// Parses the head at the start of `buf`. `Ok(None)`: not complete yet (and
 /// still under `max_size`).
 pub fn parse_request(buf: &[u8], max_size: usize) -> Result<Option<RequestHead>, ParseError> {
+    parse_request_into(buf, max_size, Vec::new())
+}
+
+/// As [`parse_request`], filling `headers` (cleared first) so that a caller
+/// can hand the same vector back request after request.
+pub fn parse_request_into(
+    buf: &[u8],
+    max_size: usize,
+    mut headers: Vec<(Range<usize>, Range<usize>)>,
+) -> Result<Option<RequestHead>, ParseError> {
+    headers.clear();
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
     let len = match req.parse(buf) {
@@ -102,7 +113,7 @@ pub fn parse_request(buf: &[u8], max_size: usize) -> Result<Option<RequestHead>,
         keep_alive: minor >= 1,
         expect_continue: false,
         upgrade: false,
-        headers: Vec::with_capacity(req.headers.len()),
+        headers,
     };
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
