@@ -112,7 +112,12 @@ impl Drop for Backend {
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
-        for s in self.open.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for s in self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
@@ -330,13 +335,9 @@ impl Echo {
             r.headers,
             r.body_text()
         );
-        let v: Value = serde_json::from_slice(&r.body).unwrap_or_else(|e| {
-            panic!("not an echo backend's JSON ({e}): {}", r.body_text())
-        });
-        assert!(
-            v.get("name").is_some(),
-            "not an echo backend's answer: {v}"
-        );
+        let v: Value = serde_json::from_slice(&r.body)
+            .unwrap_or_else(|e| panic!("not an echo backend's JSON ({e}): {}", r.body_text()));
+        assert!(v.get("name").is_some(), "not an echo backend's answer: {v}");
         Echo(v)
     }
 
@@ -435,7 +436,9 @@ pub fn request(
 /// a User-Agent when given).
 pub fn routed_to(addr: SocketAddr, host: &str, path: &str, ua: Option<&str>) -> String {
     let headers: Vec<(&str, &str)> = ua.map(|u| ("User-Agent", u)).into_iter().collect();
-    Echo::of(&get(addr, host, path, &headers)).name().to_string()
+    Echo::of(&get(addr, host, path, &headers))
+        .name()
+        .to_string()
 }
 
 // --- the admin API ---------------------------------------------------------------

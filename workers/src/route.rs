@@ -221,9 +221,6 @@ fn write_head(
 ) {
     out.extend_from_slice(head.method(buf));
     out.push(b' ');
-    if !path.starts_with(b"/") && path != b"*" {
-        out.push(b'/');
-    }
     out.extend_from_slice(path);
     out.extend_from_slice(query);
     out.extend_from_slice(b" HTTP/1.1\r\n");

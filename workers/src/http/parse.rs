@@ -102,6 +102,9 @@ pub fn parse_request_into(
     let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(ParseError::Malformed("request line"));
     };
+    if !valid_target(method.as_bytes(), path.as_bytes()) {
+        return Err(ParseError::Malformed("request target"));
+    }
     let mut head = RequestHead {
         len,
         method: range_of(buf, method.as_bytes()),
@@ -180,6 +183,18 @@ pub fn parse_request_into(
         return Err(ParseError::Malformed("HTTP/1.1 request without Host"));
     }
     Ok(Some(head))
+}
+
+/// Origin form (`/path`), absolute form (`http://host/path`), or `*` for
+/// OPTIONS; ELB is no forward proxy, so CONNECT's authority form is refused.
+fn valid_target(method: &[u8], target: &[u8]) -> bool {
+    let starts = |prefix: &[u8]| {
+        target.len() >= prefix.len() && target[..prefix.len()].eq_ignore_ascii_case(prefix)
+    };
+    target.starts_with(b"/")
+        || (target == b"*" && method == b"OPTIONS")
+        || starts(b"http://")
+        || starts(b"https://")
 }
 
 fn parse_length(v: &[u8]) -> Result<u64, ParseError> {
@@ -268,6 +283,9 @@ mod tests {
             "GET / HTTP/1.1\r\n\r\n",
             "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
             "G\0T / HTTP/1.1\r\n\r\n",
+            "GET img/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             assert_eq!(parse(raw).map_err(ParseError::status), Err(400), "{raw:?}");
         }
