@@ -126,7 +126,14 @@ impl Worker {
                         }
                     }
                     Token(i) if i < CONN_BASE => self.accept(i),
-                    Token(t) => self.drive((t - CONN_BASE) / 2, false),
+                    Token(t) => {
+                        let key = (t - CONN_BASE) / 2;
+                        let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        if readable && let Some(s) = self.sessions.get_mut(key) {
+                            s.mark_readable((t - CONN_BASE) % 2 == 1);
+                        }
+                        self.drive(key, false);
+                    }
                 }
             }
             self.expire_timers(Instant::now());

@@ -178,6 +178,9 @@ pub(crate) struct Session {
     out: Vec<u8>,
     out_pos: usize,
     client_eof: bool,
+    /// Whether the client may have bytes to read: cleared by `WouldBlock`,
+    /// set by a readable event, so spurious wake-ups cost no read syscall.
+    client_ready: bool,
     phase: Phase,
     /// Buffers of the last exchange, kept for the next one.
     spare: (Vec<u8>, Vec<u8>),
@@ -195,6 +198,7 @@ impl Session {
             out: Vec::new(),
             out_pos: 0,
             client_eof: false,
+            client_ready: true,
             phase: Phase::Head,
             spare: (Vec::new(), Vec::new()),
             deadline,
@@ -207,6 +211,15 @@ impl Session {
         match &mut self.phase {
             Phase::Exchange(x) => x.up.as_mut(),
             _ => None,
+        }
+    }
+
+    /// Records a readable (or closed, or failed) event on one side.
+    pub fn mark_readable(&mut self, upstream: bool) {
+        if !upstream {
+            self.client_ready = true;
+        } else if let Some(up) = self.upstream_mut() {
+            up.ready = true;
         }
     }
 
@@ -297,11 +310,11 @@ impl Session {
     /// Reads from the client while `inbuf` holds less than `limit`.
     fn read_client(&mut self, limit: usize, scratch: &mut [u8]) -> Result<bool, ()> {
         let mut progress = false;
-        while !self.client_eof && self.inbuf.len() < limit {
+        while self.client_ready && !self.client_eof && self.inbuf.len() < limit {
             match read_into(&mut self.client, &mut self.inbuf, scratch) {
                 Ok(0) => self.client_eof = true,
                 Ok(_) => progress = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.client_ready = false,
                 Err(_) => return Err(()),
             }
         }
@@ -494,10 +507,16 @@ impl Session {
                 if self.client_eof {
                     return Err(());
                 }
+                if !self.client_ready {
+                    return Ok(progress);
+                }
                 match read_into(&mut self.client, &mut self.inbuf, cx.scratch) {
                     Ok(0) => self.client_eof = true,
                     Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progress),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.client_ready = false;
+                        return Ok(progress);
+                    }
                     Err(_) => return Err(()),
                 }
                 continue;
@@ -541,6 +560,9 @@ impl Session {
                 break;
             }
             let Some(up) = x.up.as_mut() else { break };
+            if !up.ready {
+                break;
+            }
             match read_into(up, &mut x.up_in, cx.scratch) {
                 Ok(0) => {
                     return match x.resp {
@@ -560,7 +582,10 @@ impl Session {
                     };
                 }
                 Ok(_) => progress = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    up.ready = false;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     if x.answered {

@@ -20,6 +20,8 @@ pub(crate) struct UpConn {
     /// Taken from the pool (so a close before any answer is no failure).
     pub reused: bool,
     pub connected: bool,
+    /// May have bytes to read (see `Session::mark_readable`).
+    pub ready: bool,
 }
 
 impl UpConn {
@@ -31,6 +33,7 @@ impl UpConn {
             addr: Some(addr),
             reused: false,
             connected: false,
+            ready: true,
         })
     }
 
@@ -40,6 +43,7 @@ impl UpConn {
             addr: Some(addr),
             reused: true,
             connected: true,
+            ready: true,
         }
     }
 
@@ -49,6 +53,7 @@ impl UpConn {
             addr: None,
             reused: false,
             connected: false,
+            ready: true,
         })
     }
 
