@@ -3,6 +3,7 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 
 mod admin;
+mod etcd;
 mod listeners;
 mod logging;
 mod settings;

@@ -46,6 +46,26 @@ pub struct Upstream {
     cursor_slot: u32,
 }
 
+/// An upstream's peers: name as given, parameters.
+pub type PeerList = Vec<(String, PeerParams)>;
+
+/// Changes for [`Store::apply_changes`]: `None` removes the item.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub domains: Vec<(String, Option<Value>)>,
+    /// A whole peer list per upstream (an empty list removes it).
+    pub upstreams: Vec<(String, Option<PeerList>)>,
+}
+
+/// What [`Store::apply_changes`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Items that changed.
+    pub changed: usize,
+    /// Items refused, each with why.
+    pub errors: Vec<StoreError>,
+}
+
 pub struct Store {
     writer: ConfigWriter<'static>,
     region: &'static Region,
@@ -135,63 +155,170 @@ impl Store {
             return Err(StoreError::NoStateSlot);
         }
         for (name, list) in resolved {
-            let old = self.upstreams.remove(&name);
-            let cursor_slot = old
-                .as_ref()
-                .map(|u| u.cursor_slot)
-                .or_else(|| self.slots.take(self.region))
-                .ok_or(StoreError::NoStateSlot)?;
-            let mut old_peers = old.map(|u| u.peers).unwrap_or_default();
-            let mut peers = BTreeMap::new();
-            for (peer_name, (addr, params)) in list {
-                // A peer that stays keeps its state (failures, time out).
-                let slot = match old_peers.remove(&peer_name) {
-                    Some(p) if p.addr == addr => p.slot,
-                    Some(p) => {
-                        self.slots.retire(p.slot, self.writer.generation());
-                        self.slots
-                            .take(self.region)
-                            .ok_or(StoreError::NoStateSlot)?
-                    }
-                    None => self
-                        .slots
-                        .take(self.region)
-                        .ok_or(StoreError::NoStateSlot)?,
-                };
-                peers.insert(peer_name, Peer { addr, params, slot });
-            }
-            for p in old_peers.values() {
-                self.slots.retire(p.slot, self.writer.generation());
-            }
-            let up = Upstream { peers, cursor_slot };
-            self.writer.put(&upstream_key(&name), &record(&up))?;
-            self.upstreams.insert(name, up);
+            self.install_upstream(name, list)?;
         }
         self.publish();
         Ok(())
     }
 
+    /// Writes one upstream's resolved peer list (not published yet).
+    fn install_upstream(
+        &mut self,
+        name: String,
+        list: BTreeMap<String, (SocketAddr, PeerParams)>,
+    ) -> Result<(), StoreError> {
+        let old = self.upstreams.remove(&name);
+        let cursor_slot = old
+            .as_ref()
+            .map(|u| u.cursor_slot)
+            .or_else(|| self.slots.take(self.region))
+            .ok_or(StoreError::NoStateSlot)?;
+        let mut old_peers = old.map(|u| u.peers).unwrap_or_default();
+        let mut peers = BTreeMap::new();
+        for (peer_name, (addr, params)) in list {
+            // A peer that stays keeps its state (failures, time out).
+            let slot = match old_peers.remove(&peer_name) {
+                Some(p) if p.addr == addr => p.slot,
+                Some(p) => {
+                    self.slots.retire(p.slot, self.writer.generation());
+                    self.slots
+                        .take(self.region)
+                        .ok_or(StoreError::NoStateSlot)?
+                }
+                None => self
+                    .slots
+                    .take(self.region)
+                    .ok_or(StoreError::NoStateSlot)?,
+            };
+            peers.insert(peer_name, Peer { addr, params, slot });
+        }
+        for p in old_peers.values() {
+            self.slots.retire(p.slot, self.writer.generation());
+        }
+        let up = Upstream { peers, cursor_slot };
+        self.writer.put(&upstream_key(&name), &record(&up))?;
+        self.upstreams.insert(name, up);
+        Ok(())
+    }
+
     /// Removes upstreams; returns, per name, whether it existed.
     pub fn delete_upstreams(&mut self, names: &[String]) -> Vec<bool> {
-        let found = names
-            .iter()
-            .map(|n| {
-                self.writer.delete(&upstream_key(n));
-                match self.upstreams.remove(n) {
-                    Some(up) => {
-                        let g = self.writer.generation();
-                        self.slots.retire(up.cursor_slot, g);
-                        for p in up.peers.values() {
-                            self.slots.retire(p.slot, g);
-                        }
-                        true
-                    }
-                    None => false,
-                }
-            })
-            .collect();
+        let found = names.iter().map(|n| self.remove_upstream(n)).collect();
         self.publish();
         found
+    }
+
+    /// Removes one upstream (not published yet); whether it existed.
+    fn remove_upstream(&mut self, name: &str) -> bool {
+        self.writer.delete(&upstream_key(name));
+        match self.upstreams.remove(name) {
+            Some(up) => {
+                let g = self.writer.generation();
+                self.slots.retire(up.cursor_slot, g);
+                for p in up.peers.values() {
+                    self.slots.retire(p.slot, g);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Applies changes from etcd: each item on its own, so that an invalid
+    /// one (a rule set that does not compile, a peer that does not resolve,
+    /// no room left) is refused alone while the others apply. An item equal
+    /// to what is in force already is skipped. Everything that changed is
+    /// published in one generation; nothing is published when nothing
+    /// changed.
+    pub fn apply_changes(&mut self, changes: Changes) -> Applied {
+        let mut out = Applied::default();
+        for (domain, rules) in changes.domains {
+            let lower = domain.to_ascii_lowercase();
+            match rules {
+                None => {
+                    if self.domains.remove(&lower).is_some() {
+                        self.writer.delete(&domain_key(&lower));
+                        out.changed += 1;
+                    }
+                }
+                Some(rules) => {
+                    if self.domains.get(&lower) == Some(&rules) {
+                        continue;
+                    }
+                    let valid = check_domain(&domain).and_then(|()| {
+                        RuleSet::from_json(&rules)
+                            .map(drop)
+                            .map_err(|e| StoreError::Domain {
+                                domain: domain.clone(),
+                                reason: e.to_string(),
+                            })
+                    });
+                    let written = valid.and_then(|()| {
+                        self.writer
+                            .put(&domain_key(&lower), rules.to_string().as_bytes())
+                            .map_err(StoreError::from)
+                    });
+                    match written {
+                        Ok(()) => {
+                            self.domains.insert(lower, rules);
+                            out.changed += 1;
+                        }
+                        Err(e) => out.errors.push(e),
+                    }
+                }
+            }
+        }
+        for (name, peers) in changes.upstreams {
+            let Some(peers) = peers else {
+                if self.upstreams.contains_key(&name) {
+                    self.remove_upstream(&name);
+                    out.changed += 1;
+                }
+                continue;
+            };
+            if let Err(e) = check_upstream_name(&name) {
+                out.errors.push(e);
+                continue;
+            }
+            let mut list = BTreeMap::new();
+            for (peer_name, params) in peers {
+                match resolve(&peer_name) {
+                    Ok(addr) => {
+                        list.insert(peer_name, (addr, params));
+                    }
+                    Err(reason) => out.errors.push(StoreError::Upstream {
+                        upstream: name.clone(),
+                        reason,
+                    }),
+                }
+            }
+            if self
+                .upstreams
+                .get(&name)
+                .is_some_and(|up| same_peers(up, &list))
+            {
+                continue;
+            }
+            if list.is_empty() {
+                if self.remove_upstream(&name) {
+                    out.changed += 1;
+                }
+                continue;
+            }
+            let needed = list.len() + usize::from(!self.upstreams.contains_key(&name));
+            if needed > self.slots.available() {
+                out.errors.push(StoreError::NoStateSlot);
+                continue;
+            }
+            match self.install_upstream(name, list) {
+                Ok(()) => out.changed += 1,
+                Err(e) => out.errors.push(e),
+            }
+        }
+        if out.changed > 0 {
+            self.publish();
+        }
+        out
     }
 
     fn publish(&mut self) {
@@ -210,6 +337,18 @@ impl Store {
             .unwrap_or(generation);
         self.slots.release_before(oldest, self.region);
     }
+}
+
+/// Whether `up` has exactly these peers, addresses and parameters.
+fn same_peers(up: &Upstream, list: &BTreeMap<String, (SocketAddr, PeerParams)>) -> bool {
+    up.peers.len() == list.len()
+        && up
+            .peers
+            .iter()
+            .zip(list)
+            .all(|((n1, p), (n2, (addr, params)))| {
+                n1 == n2 && p.addr == *addr && p.params == *params
+            })
 }
 
 fn record(up: &Upstream) -> Vec<u8> {

@@ -26,7 +26,7 @@ use elb_workers::args::{Limits, RetryPolicy, Timeouts};
 
 use crate::settings::{AdminAddr, Settings};
 use crate::store::Store;
-use crate::{admin, listeners, spawn};
+use crate::{admin, etcd, listeners, spawn};
 
 /// A worker that dies sooner than this after its start counts as crashing.
 const QUICK_EXIT: Duration = Duration::from_secs(2);
@@ -102,8 +102,14 @@ pub fn run(settings: Settings) -> i32 {
         token: settings.admin_token.clone(),
     };
     let admin_socket = private.join("admin.sock");
-    if let Err(e) = admin::serve(&settings.admin, &admin_socket, store, access) {
+    if let Err(e) = admin::serve(&settings.admin, &admin_socket, store.clone(), access) {
         eprintln!("elb: {e}");
+        let _ = std::fs::remove_dir_all(&private);
+        return 1;
+    }
+    // Like the admin threads, started after the signals are blocked.
+    if let Err(e) = etcd::start(&settings, store) {
+        log::error!("cannot start the etcd client: {e}");
         let _ = std::fs::remove_dir_all(&private);
         return 1;
     }

@@ -1,12 +1,16 @@
 //! The admin API's requests and answers, as pure functions over the store.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
 use elb_workers::upstream::parse_peer_value;
 
 use crate::store::Store;
+
+/// How long a dump may take before the API answers 503.
+const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An answer: status and JSON body.
 pub struct Answer {
@@ -37,6 +41,13 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
         b"/__erulb__/dump" => Resource::Dump,
         _ => return error(404, "no such admin path"),
     };
+    if let (Resource::Dump, b"PUT") = (&resource, method) {
+        // Without the store's lock: the etcd thread reads the state itself.
+        return match crate::etcd::dump(DUMP_TIMEOUT) {
+            Ok(_) => ok(),
+            Err(e) => error(e.status(), e.to_string()),
+        };
+    }
     let Ok(mut store) = store.lock() else {
         return error(500, "the configuration store is unavailable");
     };
@@ -76,10 +87,6 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
             }
             Err(e) => e,
         },
-        (Resource::Dump, b"PUT") => error(
-            503,
-            "dump needs etcd, which this build does not talk to yet",
-        ),
         _ => error(405, "method not allowed on this path"),
     }
 }

@@ -255,6 +255,8 @@ impl Drop for Etcd {
 
 /// Operations per transaction (etcd's default `--max-txn-ops`).
 const TXN_OPS: usize = 128;
+/// Bytes of keys and values per transaction (etcd takes up to 1.5 MiB).
+const TXN_BYTES: usize = 1 << 20;
 /// Transactions in flight at once in [`Kv::put_many`].
 const IN_FLIGHT: usize = 8;
 /// How long a write retries a cluster that is electing, or a dead member.
@@ -371,11 +373,25 @@ impl Kv {
         })
     }
 
-    /// Puts all of `items`, in transactions of up to 128 keys, several in
+    /// Puts all of `items`, in transactions of up to 128 keys (and 1 MB), several in
     /// flight at once. Order between transactions is not kept.
     pub fn put_many(&self, items: &[(String, String)]) {
-        let batches: Vec<Vec<(String, String)>> =
-            items.chunks(TXN_OPS).map(<[_]>::to_vec).collect();
+        // At most 128 operations and about 1 MB per transaction.
+        let mut batches: Vec<Vec<(String, String)>> = Vec::new();
+        let mut bytes = 0;
+        for item in items {
+            let size = item.0.len() + item.1.len();
+            match batches.last_mut() {
+                Some(b) if b.len() < TXN_OPS && bytes + size <= TXN_BYTES => {
+                    bytes += size;
+                    b.push(item.clone());
+                }
+                _ => {
+                    bytes = size;
+                    batches.push(vec![item.clone()]);
+                }
+            }
+        }
         let client = self.client.clone();
         self.rt.block_on(async move {
             let mut set: tokio::task::JoinSet<Result<(), etcd_client::Error>> =
@@ -437,12 +453,7 @@ pub fn rules_to(servername: &str) -> String {
 
 /// Waits up to `timeout` for `host` to be served by the backend `name`;
 /// returns how long it took, or fails the test showing elb's stderr.
-pub fn expect_served(
-    elb: &super::Elb,
-    host: &str,
-    name: &str,
-    timeout: Duration,
-) -> Duration {
+pub fn expect_served(elb: &super::Elb, host: &str, name: &str, timeout: Duration) -> Duration {
     let t = Instant::now();
     let mut last = None;
     let ok = wait_until(timeout, || {

@@ -1000,7 +1000,7 @@ pub fn connection_refused(addr: SocketAddr) -> bool {
 }
 
 pub mod backend;
-pub mod python;
 pub mod etcd;
+pub mod python;
 
 pub mod peers;

@@ -17,6 +17,7 @@
 //! | `X-Reply-Delay-Ms: N` | N ms before answering |
 //! | `X-Send-100: 1` | its own `100 Continue` before reading the body |
 //! | `X-Close: 1` | `Connection: close`, then it closes |
+//! | `X-Reply-Unframed: 1` | no length, no `Connection` header: the body ends with the connection |
 //!
 //! Every answer says what the peer saw: `X-Peer` (its name), `X-Method`,
 //! `X-Target`, `X-Body-Len`, `X-Body-Sha256`, `X-Conn` (the number of the
@@ -33,7 +34,8 @@
 //! (answers the first request of a connection; a later request on it is read
 //! and the connection closed without an answer: a kept-alive connection that
 //! the peer closed meanwhile), [`Mode::IdleClose`] (closes a connection idle
-//! for that long after an answer).
+//! for that long after an answer), [`Mode::Garbage`] (reads the request,
+//! answers with bytes that are not HTTP, closes).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -64,6 +66,7 @@ pub enum Mode {
     CloseAll,
     CloseReused,
     IdleClose(Duration),
+    Garbage,
 }
 
 /// A request as a peer received it.
@@ -189,8 +192,8 @@ impl Peer {
         self.shared.connections.load(Ordering::Acquire)
     }
 
-    /// Requests read and left unanswered by closing ([`Mode::CloseAll`],
-    /// [`Mode::CloseReused`]).
+    /// Requests read and not answered properly ([`Mode::CloseAll`],
+    /// [`Mode::CloseReused`], [`Mode::Garbage`]).
     pub fn dropped(&self) -> usize {
         self.shared.dropped.load(Ordering::Acquire)
     }
@@ -214,9 +217,10 @@ impl Peer {
 impl Drop for Peer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        // Wakes the blocked accept, which then sees the flag.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.accept.take() {
+        // Wakes the blocked accept, which then sees the flag (if that
+        // fails, the thread is left to end with the process).
+        let woken = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok();
+        if let Some(t) = self.accept.take().filter(|_| woken) {
             let _ = t.join();
         }
     }
@@ -301,7 +305,10 @@ impl Conn<'_> {
             }
             body.extend(self.take_exact(size)?);
             if !self.take_line()?.is_empty() {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk not followed by CRLF"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "chunk not followed by CRLF",
+                ));
             }
         }
     }
@@ -403,6 +410,13 @@ fn serve(stream: TcpStream, id: usize, shared: &Shared, name: &str, mode: Mode) 
                 shared.dropped.fetch_add(1, Ordering::AcqRel);
                 return Ok(());
             }
+            Mode::Garbage => {
+                c.stream
+                    .write_all(b"HTTP/1.1 2OO NOT OK\r\nthis is not http\r\n\r\n")?;
+                let _ = c.stream.shutdown(Shutdown::Write);
+                shared.dropped.fetch_add(1, Ordering::AcqRel);
+                return Ok(());
+            }
             Mode::CloseReused if answered > 0 => {
                 let _ = c.stream.shutdown(Shutdown::Both);
                 shared.dropped.fetch_add(1, Ordering::AcqRel);
@@ -448,7 +462,9 @@ fn respond(c: &mut Conn<'_>, seen: &Seen, body_in: &[u8], name: &str) -> io::Res
         format!("{name} {} {}\n", seen.method, seen.target).into_bytes()
     };
     let chunked_reply = h("x-reply-chunked") == Some("1");
-    let close = h("x-close") == Some("1")
+    let unframed = h("x-reply-unframed") == Some("1");
+    let close = unframed
+        || h("x-close") == Some("1")
         || h("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
     let mut head = format!(
         "HTTP/1.1 {status} {}\r\nX-Peer: {name}\r\nX-Method: {}\r\nX-Target: {}\r\nX-Body-Len: {}\r\nX-Body-Sha256: {}\r\nX-Conn: {}\r\n",
@@ -462,13 +478,13 @@ fn respond(c: &mut Conn<'_>, seen: &Seen, body_in: &[u8], name: &str) -> io::Res
     for i in 0..num("x-set-cookies").unwrap_or(0) {
         head.push_str(&format!("Set-Cookie: c{i}=v{i}; Path=/\r\n"));
     }
-    if status == 204 {
+    if status == 204 || unframed {
     } else if chunked_reply {
         head.push_str("Transfer-Encoding: chunked\r\n");
     } else {
         head.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
-    if close {
+    if close && !unframed {
         head.push_str("Connection: close\r\n");
     }
     head.push_str("\r\n");
@@ -505,7 +521,11 @@ fn websocket(c: &mut Conn<'_>, seen: &Seen, name: &str) -> io::Result<()> {
         ws_accept(key)
     )
     .into_bytes();
-    out.extend(ws_frame(WS_TEXT, format!("hello from {name}").as_bytes(), None));
+    out.extend(ws_frame(
+        WS_TEXT,
+        format!("hello from {name}").as_bytes(),
+        None,
+    ));
     c.stream.write_all(&out)?;
     loop {
         let frame = loop {
@@ -523,7 +543,9 @@ fn websocket(c: &mut Conn<'_>, seen: &Seen, name: &str) -> io::Result<()> {
                     .write_all(&ws_frame(WS_CLOSE, &frame.payload, None))?;
                 return Ok(());
             }
-            WS_PING => c.stream.write_all(&ws_frame(WS_PONG, &frame.payload, None))?,
+            WS_PING => c
+                .stream
+                .write_all(&ws_frame(WS_PONG, &frame.payload, None))?,
             op => c.stream.write_all(&ws_frame(op, &frame.payload, None))?,
         }
     }
@@ -856,7 +878,9 @@ pub fn first_reply(stream: &mut TcpStream, timeout: Duration) -> Reply {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
             Err(_) => return Reply::Closed(got),
         }
@@ -881,7 +905,9 @@ pub fn read_until_close(stream: &mut TcpStream, timeout: Duration) -> Result<Vec
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
             Err(_) => return Ok(got),
         }
@@ -891,7 +917,10 @@ pub fn read_until_close(stream: &mut TcpStream, timeout: Duration) -> Result<Vec
 /// Splits a raw response at the end of its head: (head text, the rest).
 pub fn split_head(raw: &[u8]) -> Option<(String, &[u8])> {
     let i = find(raw, b"\r\n\r\n")?;
-    Some((String::from_utf8_lossy(&raw[..i]).into_owned(), &raw[i + 4..]))
+    Some((
+        String::from_utf8_lossy(&raw[..i]).into_owned(),
+        &raw[i + 4..],
+    ))
 }
 
 /// The values of every header `name` in a head's text (case-insensitive).
