@@ -418,6 +418,31 @@ fn a_rule_change_is_seen_by_the_very_next_request() {
     }
 }
 
+/// SPEC 4: once the API has answered, every later request sees the change,
+/// also one sent on a kept-alive connection right after the previous answer.
+/// (A worker used to refresh its view once per batch of events, so a request
+/// read in the same pass as the previous response could be routed by the
+/// configuration from before the admin answer.)
+#[test]
+fn a_kept_alive_client_sees_each_upstream_change_at_its_next_request() {
+    let f = Fixture::new();
+    let admin = f.elb.admin_addr();
+    put_domains(admin, &json!({"hop.test": to_backend("up_hop")}));
+    let mut conn = HttpConn::connect(f.proxy(), HTTP_TIMEOUT).expect("connect");
+    for i in 0..300 {
+        let b = if i % 2 == 0 { &f.a } else { &f.b };
+        put_upstreams(admin, &json!({"up_hop": {b.host_port(): ""}}));
+        let r = conn
+            .request("GET", "hop.test", &format!("/x{i}"), &[], b"")
+            .expect("request on the kept connection");
+        assert_eq!(
+            Echo::of(&r).name(),
+            b.name(),
+            "change {i} not seen by the next request"
+        );
+    }
+}
+
 /// SPEC 6: a malformed request is answered 400 and nothing goes to a peer.
 /// A request-target that is neither a path (origin-form) nor an absolute URI
 /// (RFC 9112 3.2; `*` only with OPTIONS) is malformed; nginx answers 400.

@@ -6,7 +6,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use elb_shm::config::ConfigReader;
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -19,7 +18,7 @@ use crate::pool::Pool;
 use crate::route::Router;
 use crate::session::{Cx, Drive, Session};
 use crate::timers::Timers;
-use crate::view::View;
+use crate::view::Config;
 
 const WAKE: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
@@ -42,8 +41,7 @@ pub(crate) struct Worker {
     sessions: Slab<Session>,
     timers: Timers,
     inherited: Inherited,
-    view: View,
-    reader: ConfigReader<'static>,
+    config: Config,
     router: Router,
     pool: Pool,
     scratch: Vec<u8>,
@@ -77,15 +75,15 @@ impl Worker {
             SIGNALS,
             Interest::READABLE,
         )?;
+        let index = args.index;
         Ok(Worker {
             args,
             poll,
             listeners,
             sessions: Slab::new(),
             timers: Timers::default(),
-            reader: ConfigReader::new(inherited.region),
+            config: Config::new(inherited.region, index),
             inherited,
-            view: View::default(),
             router: Router::default(),
             pool: Pool::default(),
             scratch: vec![0; READ_SIZE],
@@ -98,12 +96,12 @@ impl Worker {
         if let Some(slot) = self.inherited.region.worker_slot(self.args.index) {
             slot.set_pid(std::process::id());
         }
-        self.follow_config();
+        self.config.refresh();
         log::info!(
             "worker {} (pid {}) serving, configuration generation {}",
             self.args.index,
             std::process::id(),
-            self.reader.applied()
+            self.config.applied()
         );
         let mut events = Events::with_capacity(1024);
         loop {
@@ -114,9 +112,9 @@ impl Worker {
                 }
                 return Err(e.into());
             }
-            // Before any request of this batch is looked at, so that a
-            // request sent after a publication is routed by it.
-            self.follow_config();
+            // Promptly, even with no request (sessions refresh it too,
+            // before routing each request).
+            self.config.refresh();
             for ev in events.iter() {
                 match ev.token() {
                     WAKE => self.drain_wake(),
@@ -153,22 +151,6 @@ impl Worker {
                 }
             }
         }
-    }
-
-    fn follow_config(&mut self) {
-        if !self.reader.is_stale() {
-            return;
-        }
-        let view = &mut self.view;
-        let applied = self.reader.poll(|c| view.apply(c));
-        if let Some(slot) = self.inherited.region.worker_slot(self.args.index) {
-            slot.set_applied(applied);
-        }
-        log::debug!(
-            "worker {}: generation {applied} ({} keys)",
-            self.args.index,
-            self.view.len()
-        );
     }
 
     fn drain_wake(&mut self) {
@@ -246,7 +228,7 @@ impl Worker {
         };
         let mut cx = Cx {
             router: &mut self.router,
-            view: &self.view,
+            config: &mut self.config,
             region: self.inherited.region,
             pool: &mut self.pool,
             registry: self.poll.registry(),

@@ -45,7 +45,7 @@ pub(crate) enum Drive {
 /// Everything a session needs from its worker for one step.
 pub(crate) struct Cx<'a> {
     pub router: &'a mut Router,
-    pub view: &'a crate::view::View,
+    pub config: &'a mut crate::view::Config,
     pub region: &'a elb_shm::Region,
     pub pool: &'a mut Pool,
     pub registry: &'a Registry,
@@ -184,6 +184,9 @@ pub(crate) struct Session {
     phase: Phase,
     /// Buffers of the last exchange, kept for the next one.
     spare: (Vec<u8>, Vec<u8>),
+    /// When the head being read began: its deadline does not move with
+    /// each byte (a client trickling bytes must not hold the connection).
+    head_since: Option<Instant>,
     /// When this session times out, and the timer entry that will notice.
     pub deadline: Instant,
     pub armed: Option<Instant>,
@@ -201,6 +204,7 @@ impl Session {
             client_ready: true,
             phase: Phase::Head,
             spare: (Vec::new(), Vec::new()),
+            head_since: None,
             deadline,
             armed: None,
         }
@@ -252,7 +256,13 @@ impl Session {
                 break;
             }
         }
-        self.deadline = cx.now + self.timeout(cx.args);
+        let reading_head = matches!(self.phase, Phase::Head) && !self.inbuf.is_empty();
+        self.head_since = if reading_head {
+            Some(self.head_since.unwrap_or(cx.now))
+        } else {
+            None
+        };
+        self.deadline = self.head_since.unwrap_or(cx.now) + self.timeout(cx.args);
         Drive::Keep
     }
 
@@ -368,8 +378,9 @@ impl Session {
             self.answer_local(cx, 413, false);
             return Ok(true);
         }
+        cx.config.refresh();
         let rctx = RouteCtx {
-            view: cx.view,
+            view: &cx.config.view,
             region: cx.region,
             access: &cx.args.admin_access,
             client: self.client_addr.ip(),
@@ -784,7 +795,7 @@ impl Session {
             && let Some(up) = x
                 .upstream
                 .as_deref()
-                .and_then(|n| cx.view.upstream(n.as_bytes()))
+                .and_then(|n| cx.config.view.upstream(n.as_bytes()))
         {
             x.tried.push(current.addr);
             if let Some(next) = crate::route::pick(cx.region, up, &x.tried, now) {

@@ -4,10 +4,53 @@
 
 use std::collections::HashMap;
 
-use elb_shm::config::Change;
+use elb_shm::Region;
+use elb_shm::config::{Change, ConfigReader};
 
 use crate::published::{Key, UpstreamRecord, parse_key};
 use crate::rules::RuleSet;
+
+/// The view and what keeps it current.
+pub(crate) struct Config {
+    reader: ConfigReader<'static>,
+    pub view: View,
+    region: &'static Region,
+    worker: usize,
+}
+
+impl Config {
+    pub fn new(region: &'static Region, worker: usize) -> Config {
+        Config {
+            reader: ConfigReader::new(region),
+            view: View::default(),
+            region,
+            worker,
+        }
+    }
+
+    /// Applies what the master published since the last call: one atomic
+    /// load when nothing was. Called before each request is routed, so a
+    /// request sent after an admin answer is routed by the new state.
+    pub fn refresh(&mut self) {
+        if !self.reader.is_stale() {
+            return;
+        }
+        let view = &mut self.view;
+        let applied = self.reader.poll(|c| view.apply(c));
+        if let Some(slot) = self.region.worker_slot(self.worker) {
+            slot.set_applied(applied);
+        }
+        log::debug!(
+            "worker {}: generation {applied} ({} keys)",
+            self.worker,
+            self.view.len()
+        );
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.reader.applied()
+    }
+}
 
 #[derive(Default)]
 pub(crate) struct View {
