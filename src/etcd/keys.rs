@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use elb_workers::upstream::{PeerParams, parse_peer_value};
+use elb_workers::upstream::{PeerParams, parse_peer_value, percent_decode};
 
 /// Which layout a peer came from. The order matters: when both name the
 /// same peer of the same upstream, the `/$NAME/upstreams/` one wins.
@@ -139,44 +139,6 @@ pub fn parse_rules(raw: &[u8]) -> Result<Value, ValueError> {
 pub fn parse_peer(raw: &[u8]) -> Result<PeerParams, ValueError> {
     let text = std::str::from_utf8(raw).map_err(|_| ValueError::NotUtf8)?;
     Ok(parse_peer_value(text)?)
-}
-
-/// Decodes `%XX` escapes; `None` when there is none or the result is not
-/// UTF-8. `+` stays as is (the old dump used `ngx.escape_uri`).
-pub fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut any = false;
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && let (Some(h), Some(l)) = (
-                b.get(i + 1).copied().and_then(hex),
-                b.get(i + 2).copied().and_then(hex),
-            )
-        {
-            out.push((h << 4) | l);
-            any = true;
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    if any {
-        String::from_utf8(out).ok()
-    } else {
-        None
-    }
-}
-
-fn hex(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// The end of the key range of everything that starts with `prefix`

@@ -228,8 +228,9 @@ pub fn parse_peer_value(raw: &str) -> Result<PeerParams, ParamError> {
 }
 
 /// Decodes `%XX` escapes; `None` when there is none, or when the result is
-/// not UTF-8 (then the value is taken as written). `+` is left as is.
-fn percent_decode(s: &str) -> Option<String> {
+/// not UTF-8 (then the value is taken as written). `+` is left as is (the
+/// old ELB's dump escaped with `ngx.escape_uri`).
+pub fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut any = false;

@@ -127,15 +127,15 @@ pub fn parse_request_into(
         upgrade: false,
         headers,
     };
-    let mut content_length: Option<u64> = None;
-    let mut chunked = false;
-    let mut transfer_encoding = false;
-    let mut connection_upgrade = false;
+    let mut framing = Framing::default();
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let value = trim(h.value);
         head.headers
             .push((range_of(buf, name), range_of(buf, value)));
+        if framing.take(name, value, minor, &mut head.keep_alive)? {
+            continue;
+        }
         if name.eq_ignore_ascii_case(b"host") {
             if head.host.is_some() {
                 return Err(ParseError::Malformed("more than one Host"));
@@ -143,35 +143,18 @@ pub fn parse_request_into(
             head.host = Some(range_of(buf, value));
         } else if name.eq_ignore_ascii_case(b"user-agent") {
             head.user_agent = Some(range_of(buf, value));
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            let n = parse_length(value)?;
-            if content_length.is_some_and(|c| c != n) {
-                return Err(ParseError::Framing("differing Content-Length"));
-            }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            transfer_encoding = true;
-            // Only "chunked" as the final coding frames a request body.
-            chunked = value
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in value.split(|b| *b == b',').map(trim) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    head.keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && minor == 0 {
-                    head.keep_alive = true;
-                } else if token.eq_ignore_ascii_case(b"upgrade") {
-                    connection_upgrade = true;
-                }
-            }
         } else if name.eq_ignore_ascii_case(b"expect") {
             head.expect_continue = value.eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             head.upgrade = true;
         }
     }
+    let Framing {
+        content_length,
+        chunked,
+        transfer_encoding,
+        connection_upgrade,
+    } = framing;
     head.upgrade &= connection_upgrade && minor >= 1;
     head.body = match (transfer_encoding, content_length) {
         (true, Some(_)) => {
@@ -204,6 +187,55 @@ fn valid_target(method: &[u8], target: &[u8]) -> bool {
         || (target == b"*" && method == b"OPTIONS")
         || starts(b"http://")
         || starts(b"https://")
+}
+
+/// What the headers say about framing and the connection, the same for a
+/// request and a response.
+#[derive(Default)]
+struct Framing {
+    content_length: Option<u64>,
+    transfer_encoding: bool,
+    /// "chunked" is the final coding (only then does it frame the body).
+    chunked: bool,
+    connection_upgrade: bool,
+}
+
+impl Framing {
+    /// Takes in a header if it is one of these; returns whether it was.
+    fn take(
+        &mut self,
+        name: &[u8],
+        value: &[u8],
+        minor: u8,
+        keep_alive: &mut bool,
+    ) -> Result<bool, ParseError> {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(value)?;
+            if self.content_length.is_some_and(|c| c != n) {
+                return Err(ParseError::Framing("differing Content-Length"));
+            }
+            self.content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.transfer_encoding = true;
+            self.chunked = value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|b| *b == b',').map(trim) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    *keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && minor == 0 {
+                    *keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    self.connection_upgrade = true;
+                }
+            }
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
 }
 
 fn parse_length(v: &[u8]) -> Result<u64, ParseError> {
@@ -341,34 +373,19 @@ pub fn parse_response(buf: &[u8], max_size: usize) -> Result<Option<ResponseHead
         keep_alive: minor >= 1,
         headers: Vec::with_capacity(resp.headers.len()),
     };
-    let mut content_length = None;
-    let mut chunked = false;
+    let mut framing = Framing::default();
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let value = trim(h.value);
         head.headers
             .push((range_of(buf, name), range_of(buf, value)));
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let n = parse_length(value)?;
-            if content_length.is_some_and(|c| c != n) {
-                return Err(ParseError::Framing("differing Content-Length"));
-            }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            chunked = value
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in value.split(|b| *b == b',').map(trim) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    head.keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && minor == 0 {
-                    head.keep_alive = true;
-                }
-            }
-        }
+        framing.take(name, value, minor, &mut head.keep_alive)?;
     }
+    let Framing {
+        content_length,
+        chunked,
+        ..
+    } = framing;
     // Transfer-Encoding wins over Content-Length (RFC 9112 6.3), and such a
     // connection is not reused.
     head.body = if chunked {
