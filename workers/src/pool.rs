@@ -14,6 +14,10 @@ const MAX_IDLE_PER_PEER: usize = 256;
 /// An idle connection older than this is not reused (peers commonly close
 /// idle connections after 60 s or more; nginx's keepalive_timeout is 60 s).
 const MAX_IDLE: Duration = Duration::from_secs(50);
+/// Under load connections are idle for microseconds: a peek (a syscall)
+/// checks only those idle longer than this. One closed sooner is still
+/// caught when used, and the request goes again on a fresh connection.
+const PEEK_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 pub(crate) struct Pool {
@@ -25,8 +29,12 @@ impl Pool {
     pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<TcpStream> {
         let list = self.idle.get_mut(&addr)?;
         while let Some((stream, since)) = list.pop() {
-            if now.duration_since(since) > MAX_IDLE {
+            let idle = now.duration_since(since);
+            if idle > MAX_IDLE {
                 continue;
+            }
+            if idle < PEEK_AFTER {
+                return Some(stream);
             }
             let mut probe = [0u8; 1];
             match stream.peek(&mut probe) {

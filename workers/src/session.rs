@@ -178,8 +178,10 @@ pub(crate) struct Session {
     out: Vec<u8>,
     out_pos: usize,
     client_eof: bool,
-    /// Whether the client may have bytes to read: cleared by `WouldBlock`,
-    /// set by a readable event, so spurious wake-ups cost no read syscall.
+    /// Whether the client may have bytes to read: cleared by `WouldBlock` or
+    /// by a short read (the socket was drained; new bytes bring a new event,
+    /// as nginx relies on), set by a readable event, so spurious wake-ups
+    /// cost no read syscall.
     client_ready: bool,
     phase: Phase,
     /// Buffers of the last exchange, kept for the next one.
@@ -323,7 +325,10 @@ impl Session {
         while self.client_ready && !self.client_eof && self.inbuf.len() < limit {
             match read_into(&mut self.client, &mut self.inbuf, scratch) {
                 Ok(0) => self.client_eof = true,
-                Ok(_) => progress = true,
+                Ok(n) => {
+                    progress = true;
+                    self.client_ready = n == scratch.len();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.client_ready = false,
                 Err(_) => return Err(()),
             }
@@ -523,7 +528,7 @@ impl Session {
                 }
                 match read_into(&mut self.client, &mut self.inbuf, cx.scratch) {
                     Ok(0) => self.client_eof = true,
-                    Ok(_) => {}
+                    Ok(n) => self.client_ready = n == cx.scratch.len(),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.client_ready = false;
                         return Ok(progress);
@@ -592,7 +597,10 @@ impl Session {
                         Some(_) => Err(()),
                     };
                 }
-                Ok(_) => progress = true,
+                Ok(n) => {
+                    progress = true;
+                    up.ready = n == cx.scratch.len();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     up.ready = false;
                     break;
