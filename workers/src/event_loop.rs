@@ -22,9 +22,10 @@ use crate::view::Config;
 
 const WAKE: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
-/// Listener `i` has token `i`; session `k` has `CONN_BASE + 2k` for its
-/// client and `CONN_BASE + 2k + 1` for its peer connection.
+/// Listener `i` has token `i`; session `k`'s client has `CONN_BASE + k`;
+/// peer connection `i` has `PEER_BASE + i` (see `pool.rs`).
 const CONN_BASE: usize = 1 << 16;
+const PEER_BASE: usize = 1 << 40;
 /// Bytes read from a socket at once.
 const READ_SIZE: usize = 64 << 10;
 
@@ -85,7 +86,7 @@ impl Worker {
             config: Config::new(inherited.region, index),
             inherited,
             router: Router::default(),
-            pool: Pool::default(),
+            pool: Pool::new(PEER_BASE),
             scratch: vec![0; READ_SIZE],
             headers: Vec::new(),
             draining_until: None,
@@ -125,10 +126,21 @@ impl Worker {
                     }
                     Token(i) if i < CONN_BASE => self.accept(i),
                     Token(t) => {
-                        let key = (t - CONN_BASE) / 2;
-                        let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        let peer = t >= PEER_BASE;
+                        let closed = ev.is_read_closed() || ev.is_error();
+                        let readable = ev.is_readable() || closed;
+                        let key = if peer {
+                            // None: an idle pooled connection (closed if it
+                            // turned readable).
+                            let Some(key) = self.pool.on_event(t, readable) else {
+                                continue;
+                            };
+                            key
+                        } else {
+                            t - CONN_BASE
+                        };
                         if readable && let Some(s) = self.sessions.get_mut(key) {
-                            s.mark_readable((t - CONN_BASE) % 2 == 1);
+                            s.mark_readable(peer, closed);
                         }
                         self.drive(key, false);
                     }
@@ -193,7 +205,7 @@ impl Worker {
                     let entry = self.sessions.vacant_entry();
                     let key = entry.key();
                     let mut session = Session::new(stream, peer, deadline);
-                    let token = Token(CONN_BASE + 2 * key);
+                    let token = Token(CONN_BASE + key);
                     if self
                         .poll
                         .registry()
@@ -235,7 +247,7 @@ impl Worker {
             args: &self.args,
             admin_socket: &self.args.admin_socket,
             now: Instant::now(),
-            up_token: Token(CONN_BASE + 2 * key + 1),
+            key,
             scratch: &mut self.scratch,
             headers: &mut self.headers,
         };
@@ -274,12 +286,12 @@ impl Worker {
     }
 
     fn close(&mut self, key: usize) {
-        if let Some(mut session) = self.sessions.try_remove(key) {
-            let registry = self.poll.registry();
-            if let Some(up) = session.upstream_mut() {
-                let _ = registry.deregister(up);
-            }
-            let _ = registry.deregister(&mut session.client);
+        if let Some(mut session) = self.sessions.try_remove(key)
+            && let Some(up) = session.take_upstream()
+        {
+            self.pool.release(up);
         }
+        // Dropping the session closes the client socket, which also takes
+        // it out of epoll: no deregistering call is needed.
     }
 }

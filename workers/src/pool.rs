@@ -1,57 +1,145 @@
-//! Idle keep-alive connections to peers, per peer address, per worker.
-//! Idle connections are not registered with the loop; one that the peer
-//! closed meanwhile is noticed by a peek when it is taken.
+//! Connections to peers: each is registered with the event loop once, when
+//! it is opened, under a token of its own, and stays registered while it
+//! moves between a session and the idle list. The table here says who owns
+//! each token now, so taking or returning a keep-alive connection costs no
+//! system call; closing the socket is what removes it from epoll.
+//!
+//! A readable event on an idle connection means the peer closed it (or
+//! sent what nobody asked for): it leaves the pool at once.
 
 use std::collections::HashMap;
-use std::io::ErrorKind;
+use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
+use mio::{Registry, Token};
+use slab::Slab;
+
+use crate::upstream_conn::UpConn;
 
 /// Idle connections kept per peer (nginx's `keepalive` is per worker too).
 const MAX_IDLE_PER_PEER: usize = 256;
 /// An idle connection older than this is not reused (peers commonly close
 /// idle connections after 60 s or more; nginx's keepalive_timeout is 60 s).
 const MAX_IDLE: Duration = Duration::from_secs(50);
-/// Under load connections are idle for microseconds: a peek (a syscall)
-/// checks only those idle longer than this. One closed sooner is still
-/// caught when used, and the request goes again on a fresh connection.
-const PEEK_AFTER: Duration = Duration::from_secs(1);
 
-#[derive(Default)]
+/// Who holds a peer connection.
+enum Owner {
+    Session(usize),
+    Idle(SocketAddr),
+}
+
 pub(crate) struct Pool {
-    idle: HashMap<SocketAddr, Vec<(TcpStream, Instant)>>,
+    base: usize,
+    owners: Slab<Owner>,
+    idle: HashMap<SocketAddr, Vec<(UpConn, Instant)>>,
 }
 
 impl Pool {
-    /// An idle connection to `addr` that still looks open, newest first.
-    pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<TcpStream> {
-        let list = self.idle.get_mut(&addr)?;
-        while let Some((stream, since)) = list.pop() {
-            let idle = now.duration_since(since);
-            if idle > MAX_IDLE {
-                continue;
-            }
-            if idle < PEEK_AFTER {
-                return Some(stream);
-            }
-            let mut probe = [0u8; 1];
-            match stream.peek(&mut probe) {
-                // Nothing to read and not closed: usable.
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Some(stream),
-                // Closed by the peer (0), or bytes nobody asked for: drop it.
-                _ => continue,
-            }
+    /// Peer connection `i` has token `base + i`.
+    pub fn new(base: usize) -> Pool {
+        Pool {
+            base,
+            owners: Slab::new(),
+            idle: HashMap::new(),
         }
-        None
     }
 
-    pub fn put(&mut self, addr: SocketAddr, stream: TcpStream, now: Instant) {
-        let list = self.idle.entry(addr).or_default();
-        if list.len() >= MAX_IDLE_PER_PEER {
-            list.remove(0);
+    /// A connection to `addr` for session `key`: the newest idle one, or a
+    /// new one.
+    pub fn checkout(
+        &mut self,
+        addr: SocketAddr,
+        key: usize,
+        registry: &Registry,
+        now: Instant,
+    ) -> io::Result<UpConn> {
+        while let Some((up, since)) = self.idle.get_mut(&addr).and_then(Vec::pop) {
+            if now.duration_since(since) > MAX_IDLE {
+                self.release(up);
+                continue;
+            }
+            if let Some(owner) = self.owners.get_mut(up.id) {
+                *owner = Owner::Session(key);
+            }
+            let mut up = up;
+            up.reused = true;
+            up.ready = true;
+            return Ok(up);
         }
-        list.push((stream, now));
+        self.fresh(addr, key, registry)
+    }
+
+    /// A new connection to `addr` for session `key`.
+    pub fn fresh(
+        &mut self,
+        addr: SocketAddr,
+        key: usize,
+        registry: &Registry,
+    ) -> io::Result<UpConn> {
+        let id = self.owners.insert(Owner::Session(key));
+        let opened = UpConn::connect(addr, id).and_then(|mut up| {
+            up.register(registry, Token(self.base + id))?;
+            Ok(up)
+        });
+        if opened.is_err() {
+            self.owners.remove(id);
+        }
+        opened
+    }
+
+    /// A connection to the master's admin socket for session `key`.
+    pub fn admin(&mut self, path: &Path, key: usize, registry: &Registry) -> io::Result<UpConn> {
+        let id = self.owners.insert(Owner::Session(key));
+        let opened = UpConn::admin(path, id).and_then(|mut up| {
+            up.register(registry, Token(self.base + id))?;
+            Ok(up)
+        });
+        if opened.is_err() {
+            self.owners.remove(id);
+        }
+        opened
+    }
+
+    /// Keeps a connection for reuse (it stays registered).
+    pub fn checkin(&mut self, up: UpConn, now: Instant) {
+        let Some(addr) = up.addr.filter(|_| up.is_tcp()) else {
+            return self.release(up);
+        };
+        if let Some(owner) = self.owners.get_mut(up.id) {
+            *owner = Owner::Idle(addr);
+        }
+        let list = self.idle.entry(addr).or_default();
+        let evicted = (list.len() >= MAX_IDLE_PER_PEER).then(|| list.remove(0).0);
+        list.push((up, now));
+        if let Some(old) = evicted {
+            self.release(old);
+        }
+    }
+
+    /// Closes a connection (closing the socket also takes it out of epoll).
+    pub fn release(&mut self, up: UpConn) {
+        self.owners.try_remove(up.id);
+        drop(up);
+    }
+
+    /// An event for `token`: the session to drive, if a session owns it.
+    /// An idle connection that turns readable (the peer closed it, or sent
+    /// what nobody asked for) is closed; a writable edge (the peer's ACK
+    /// freeing send space after the last request) means nothing.
+    pub fn on_event(&mut self, token: usize, readable: bool) -> Option<usize> {
+        let id = token.checked_sub(self.base)?;
+        match self.owners.get(id)? {
+            Owner::Session(key) => Some(*key),
+            Owner::Idle(_) if !readable => None,
+            &Owner::Idle(addr) => {
+                let list = self.idle.get_mut(&addr)?;
+                let at = list.iter().position(|(up, _)| up.id == id)?;
+                let (up, _) = list.swap_remove(at);
+                self.release(up);
+                None
+            }
+        }
     }
 }

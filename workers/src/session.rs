@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use mio::Registry;
 use mio::net::TcpStream;
-use mio::{Registry, Token};
 
 use crate::args::WorkerArgs;
 use crate::health;
@@ -26,7 +26,7 @@ use crate::http::chunked::ChunkedTracker;
 use crate::http::{self, BodyKind, parse_request_into, parse_response};
 use crate::pool::Pool;
 use crate::route::{Picked, RouteCtx, Routed, Router};
-use crate::upstream_conn::{Stream, UpConn};
+use crate::upstream_conn::UpConn;
 
 /// Bytes moved through a session per step and direction.
 const CHUNK: usize = 64 << 10;
@@ -52,8 +52,8 @@ pub(crate) struct Cx<'a> {
     pub args: &'a WorkerArgs,
     pub admin_socket: &'a Path,
     pub now: Instant,
-    /// Token for this session's upstream connection.
-    pub up_token: Token,
+    /// This session's key in the worker's table.
+    pub key: usize,
     /// The worker's read buffer: reads land here, then only the bytes read
     /// are appended where they belong (no zero-filling per read).
     pub scratch: &'a mut [u8],
@@ -183,6 +183,9 @@ pub(crate) struct Session {
     /// as nginx relies on), set by a readable event, so spurious wake-ups
     /// cost no read syscall.
     client_ready: bool,
+    /// The client's side reported its close (EPOLLRDHUP): read until the
+    /// end even after a short read, as no further event will come.
+    client_hup: bool,
     phase: Phase,
     /// Buffers of the last exchange, kept for the next one.
     spare: (Vec<u8>, Vec<u8>),
@@ -204,6 +207,7 @@ impl Session {
             out_pos: 0,
             client_eof: false,
             client_ready: true,
+            client_hup: false,
             phase: Phase::Head,
             spare: (Vec::new(), Vec::new()),
             head_since: None,
@@ -212,20 +216,30 @@ impl Session {
         }
     }
 
-    /// The upstream connection, to deregister it when the session closes.
-    pub fn upstream_mut(&mut self) -> Option<&mut UpConn> {
+    fn upstream_mut(&mut self) -> Option<&mut UpConn> {
         match &mut self.phase {
             Phase::Exchange(x) => x.up.as_mut(),
             _ => None,
         }
     }
 
-    /// Records a readable (or closed, or failed) event on one side.
-    pub fn mark_readable(&mut self, upstream: bool) {
+    /// The peer connection, to close it with the session.
+    pub fn take_upstream(&mut self) -> Option<UpConn> {
+        match &mut self.phase {
+            Phase::Exchange(x) => x.up.take(),
+            _ => None,
+        }
+    }
+
+    /// Records a readable (or closed, or failed) event on one side;
+    /// `closed`: the peer of that socket shut down its sending side.
+    pub fn mark_readable(&mut self, upstream: bool, closed: bool) {
         if !upstream {
             self.client_ready = true;
+            self.client_hup |= closed;
         } else if let Some(up) = self.upstream_mut() {
             up.ready = true;
+            up.hup |= closed;
         }
     }
 
@@ -327,7 +341,7 @@ impl Session {
                 Ok(0) => self.client_eof = true,
                 Ok(n) => {
                     progress = true;
-                    self.client_ready = n == scratch.len();
+                    self.client_ready = n == scratch.len() || self.client_hup;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.client_ready = false,
                 Err(_) => return Err(()),
@@ -339,9 +353,9 @@ impl Session {
     /// Answers here. Keeping the connection needs no unread request body.
     fn answer_local(&mut self, cx: &mut Cx<'_>, status: u16, keep: bool) {
         if let Phase::Exchange(x) = &mut self.phase
-            && let Some(mut up) = x.up.take()
+            && let Some(up) = x.up.take()
         {
-            let _ = cx.registry.deregister(&mut up);
+            cx.pool.release(up);
         }
         http::write::error_page(&mut self.out, status, keep);
         self.phase = if keep { Phase::Head } else { Phase::Closing };
@@ -447,14 +461,10 @@ impl Session {
             return Err(());
         };
         let conn = match x.peer {
-            Some(p) => match cx.pool.take(p.addr, cx.now) {
-                Some(s) => Ok(UpConn::pooled(p.addr, s)),
-                None => UpConn::connect(p.addr),
-            },
-            None => UpConn::admin(cx.admin_socket),
+            Some(p) => cx.pool.checkout(p.addr, cx.key, cx.registry, cx.now),
+            None => cx.pool.admin(cx.admin_socket, cx.key, cx.registry),
         };
-        let registered = conn.and_then(|mut c| c.register(cx.registry, cx.up_token).map(|()| c));
-        match registered {
+        match conn {
             Ok(c) => {
                 x.up = Some(c);
                 x.poolable = x.peer.is_some();
@@ -528,7 +538,7 @@ impl Session {
                 }
                 match read_into(&mut self.client, &mut self.inbuf, cx.scratch) {
                     Ok(0) => self.client_eof = true,
-                    Ok(n) => self.client_ready = n == cx.scratch.len(),
+                    Ok(n) => self.client_ready = n == cx.scratch.len() || self.client_hup,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.client_ready = false;
                         return Ok(progress);
@@ -599,7 +609,7 @@ impl Session {
                 }
                 Ok(n) => {
                     progress = true;
-                    up.ready = n == cx.scratch.len();
+                    up.ready = n == cx.scratch.len() || up.hup;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     up.ready = false;
@@ -723,12 +733,11 @@ impl Session {
         if x.to_up.capacity() <= CHUNK && x.up_in.capacity() <= 2 * CHUNK {
             self.spare = (x.to_up, x.up_in);
         }
-        if let Some(mut up) = x.up {
-            let _ = cx.registry.deregister(&mut up);
-            if x.poolable
-                && let (Some(addr), Stream::Tcp(s)) = (up.addr, up.stream)
-            {
-                cx.pool.put(addr, s, cx.now);
+        if let Some(up) = x.up {
+            if x.poolable {
+                cx.pool.checkin(up, cx.now);
+            } else {
+                cx.pool.release(up);
             }
         }
         if !x.client_keep || self.client_eof {
@@ -747,14 +756,12 @@ impl Session {
             && x.replayable
             && x.up_in.is_empty()
         {
-            if let Some(mut up) = x.up.take() {
-                let _ = cx.registry.deregister(&mut up);
+            if let Some(up) = x.up.take() {
+                cx.pool.release(up);
             }
             x.to_up_pos = 0;
             if let Some(p) = x.peer {
-                let fresh = UpConn::connect(p.addr)
-                    .and_then(|mut c| c.register(cx.registry, cx.up_token).map(|()| c));
-                if let Ok(c) = fresh {
+                if let Ok(c) = cx.pool.fresh(p.addr, cx.key, cx.registry) {
                     x.up = Some(c);
                     return Ok(true);
                 }
@@ -781,8 +788,8 @@ impl Session {
         let Phase::Exchange(x) = &mut self.phase else {
             return Err(());
         };
-        if let Some(mut up) = x.up.take() {
-            let _ = cx.registry.deregister(&mut up);
+        if let Some(up) = x.up.take() {
+            cx.pool.release(up);
         }
         if x.answered {
             return Err(());

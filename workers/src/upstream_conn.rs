@@ -14,6 +14,8 @@ pub(crate) enum Stream {
 }
 
 pub(crate) struct UpConn {
+    /// Index of its token in the pool's table.
+    pub id: usize,
     pub stream: Stream,
     /// The peer, for returning the connection to the pool.
     pub addr: Option<SocketAddr>,
@@ -22,39 +24,39 @@ pub(crate) struct UpConn {
     pub connected: bool,
     /// May have bytes to read (see `Session::mark_readable`).
     pub ready: bool,
+    /// The peer shut down its side: read to the end regardless.
+    pub hup: bool,
 }
 
 impl UpConn {
-    pub fn connect(addr: SocketAddr) -> io::Result<UpConn> {
+    pub fn connect(addr: SocketAddr, id: usize) -> io::Result<UpConn> {
         let s = TcpStream::connect(addr)?;
         let _ = s.set_nodelay(true);
         Ok(UpConn {
+            id,
             stream: Stream::Tcp(s),
             addr: Some(addr),
             reused: false,
             connected: false,
             ready: true,
+            hup: false,
         })
     }
 
-    pub fn pooled(addr: SocketAddr, s: TcpStream) -> UpConn {
-        UpConn {
-            stream: Stream::Tcp(s),
-            addr: Some(addr),
-            reused: true,
-            connected: true,
-            ready: true,
-        }
-    }
-
-    pub fn admin(path: &std::path::Path) -> io::Result<UpConn> {
+    pub fn admin(path: &std::path::Path, id: usize) -> io::Result<UpConn> {
         Ok(UpConn {
+            id,
             stream: Stream::Unix(UnixStream::connect(path)?),
             addr: None,
             reused: false,
             connected: false,
             ready: true,
+            hup: false,
         })
+    }
+
+    pub fn is_tcp(&self) -> bool {
+        matches!(self.stream, Stream::Tcp(_))
     }
 
     /// Whether a non-blocking connect has completed; an error if it failed.
