@@ -760,11 +760,11 @@ impl Session {
                 cx.pool.release(up);
             }
             x.to_up_pos = 0;
-            if let Some(p) = x.peer {
-                if let Ok(c) = cx.pool.fresh(p.addr, cx.key, cx.registry) {
-                    x.up = Some(c);
-                    return Ok(true);
-                }
+            if let Some(p) = x.peer
+                && let Ok(c) = cx.pool.fresh(p.addr, cx.key, cx.registry)
+            {
+                x.up = Some(c);
+                return Ok(true);
             }
         }
         self.fail(cx, Failure::Error, why)
