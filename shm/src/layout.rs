@@ -43,9 +43,10 @@ impl Layout {
         }
         let slots_off = HEADER_SIZE;
         let peers_off = slots_off + MAX_WORKERS * SLOT_SIZE;
-        // One peer record and one directory entry per 2 KiB and 1 KiB of
-        // region: 64 MiB hold 32k peers and 64k domains plus upstreams.
-        let peers_count = size / 2048;
+        // One state slot per 512 bytes and one directory entry per KiB of
+        // region: 64 MiB hold 128k peers plus upstreams, and 64k domains
+        // plus upstreams.
+        let peers_count = size / 512;
         let dir_off = align(peers_off + peers_count * PEER_SIZE, 64);
         let dir_count = size / 1024;
         let log_off = align(dir_off + dir_count * DIR_ENTRY_SIZE, 64);
