@@ -335,7 +335,7 @@ impl Store {
             .map(|s| s.applied())
             .min()
             .unwrap_or(generation);
-        self.slots.release_before(oldest, self.region);
+        self.slots.release_before(oldest);
     }
 }
 
@@ -466,7 +466,7 @@ impl SlotPool {
         self.retired.push((slot, generation + 1));
     }
 
-    fn release_before(&mut self, applied_by_all: u64, _region: &Region) {
+    fn release_before(&mut self, applied_by_all: u64) {
         let (ready, wait): (Vec<_>, Vec<_>) = self
             .retired
             .drain(..)
