@@ -27,7 +27,7 @@ pub(crate) enum Routed {
     /// (none for a direct `host:port`), to pick another on a retry.
     Peer {
         peer: Picked,
-        upstream: Option<Box<str>>,
+        upstream: Option<std::rc::Rc<str>>,
     },
     /// Hand to the master's admin API.
     Admin,
@@ -83,11 +83,11 @@ impl Router {
                 headers,
                 rewritten,
             } => {
-                let target = match ctx.view.upstream(servername.as_bytes()) {
-                    Some(up) => match pick(ctx.region, up, &[], crate::health::now_ms()) {
+                let target = match ctx.view.upstream_named(servername.as_bytes()) {
+                    Some((name, up)) => match pick(ctx.region, up, &[], crate::health::now_ms()) {
                         Some(peer) => Routed::Peer {
                             peer,
-                            upstream: Some(servername.into()),
+                            upstream: Some(name.clone()),
                         },
                         None => return Routed::Status(502),
                     },

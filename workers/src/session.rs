@@ -145,7 +145,7 @@ struct Exchange {
     /// The peer (none for the admin API).
     peer: Option<Picked>,
     /// The upstream the peer was picked from, to pick another on a retry.
-    upstream: Option<Box<str>>,
+    upstream: Option<std::rc::Rc<str>>,
     tried: Vec<SocketAddr>,
     tries_left: u32,
     /// GET and the like may be sent again after a peer saw them; POST,

@@ -3,6 +3,7 @@
 //! without touching the region or allocating.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use elb_shm::Region;
 use elb_shm::config::{Change, ConfigReader};
@@ -55,7 +56,9 @@ impl Config {
 #[derive(Default)]
 pub(crate) struct View {
     domains: HashMap<Box<[u8]>, RuleSet>,
-    upstreams: HashMap<Box<[u8]>, UpstreamRecord>,
+    /// By name; the name is kept shared so that a request can hold it (for
+    /// a retry) without allocating.
+    upstreams: HashMap<Box<[u8]>, (Rc<str>, UpstreamRecord)>,
 }
 
 impl View {
@@ -76,7 +79,8 @@ impl View {
                 },
                 Some(Key::Upstream(n)) => match serde_json::from_slice::<UpstreamRecord>(value) {
                     Ok(rec) => {
-                        self.upstreams.insert(n.into(), rec);
+                        let name: Rc<str> = String::from_utf8_lossy(n).into();
+                        self.upstreams.insert(n.into(), (name, rec));
                     }
                     Err(e) => log::error!("upstream {}: {e}", String::from_utf8_lossy(n)),
                 },
@@ -103,7 +107,12 @@ impl View {
     }
 
     pub fn upstream(&self, name: &[u8]) -> Option<&UpstreamRecord> {
-        self.upstreams.get(name)
+        self.upstreams.get(name).map(|(_, rec)| rec)
+    }
+
+    /// The upstream and its shared name.
+    pub fn upstream_named(&self, name: &[u8]) -> Option<(&Rc<str>, &UpstreamRecord)> {
+        self.upstreams.get(name).map(|(n, rec)| (n, rec))
     }
 
     pub fn len(&self) -> usize {
