@@ -317,16 +317,20 @@ impl Task {
         Ok((out, revision))
     }
 
-    /// Loads everything and applies the difference from the view.
-    async fn load(&mut self) -> Result<(), EtcdError> {
-        let started = Instant::now();
-        let prefixes: Vec<String> = self
-            .view
+    /// The watched prefixes, owned (so that `self` stays free to borrow).
+    fn prefixes(&self) -> Vec<String> {
+        self.view
             .layout()
             .prefixes()
             .into_iter()
             .map(str::to_string)
-            .collect();
+            .collect()
+    }
+
+    /// Loads everything and applies the difference from the view.
+    async fn load(&mut self) -> Result<(), EtcdError> {
+        let started = Instant::now();
+        let prefixes = self.prefixes();
         let refs: Vec<&str> = prefixes.iter().map(String::as_str).collect();
         let (listing, revision) = self.fetch(&refs).await?;
         let fetched = started.elapsed();
@@ -401,13 +405,7 @@ impl Task {
     /// Follows changes from the view's revision + 1 until something ends
     /// the watch; serves dumps meanwhile.
     async fn watch(&mut self) -> WatchEnd {
-        let prefixes: Vec<String> = self
-            .view
-            .layout()
-            .prefixes()
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+        let prefixes = self.prefixes();
         let from = self.revision + 1;
         let options = |p: &str| {
             WatchOptions::new()

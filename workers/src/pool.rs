@@ -78,21 +78,24 @@ impl Pool {
         key: usize,
         registry: &Registry,
     ) -> io::Result<UpConn> {
-        let id = self.owners.insert(Owner::Session(key));
-        let opened = UpConn::connect(addr, id).and_then(|mut up| {
-            up.register(registry, Token(self.base + id))?;
-            Ok(up)
-        });
-        if opened.is_err() {
-            self.owners.remove(id);
-        }
-        opened
+        self.open(key, registry, |id| UpConn::connect(addr, id))
     }
 
     /// A connection to the master's admin socket for session `key`.
     pub fn admin(&mut self, path: &Path, key: usize, registry: &Registry) -> io::Result<UpConn> {
+        self.open(key, registry, |id| UpConn::admin(path, id))
+    }
+
+    /// Takes a token, opens with it and registers; gives the token back on
+    /// failure.
+    fn open(
+        &mut self,
+        key: usize,
+        registry: &Registry,
+        connect: impl FnOnce(usize) -> io::Result<UpConn>,
+    ) -> io::Result<UpConn> {
         let id = self.owners.insert(Owner::Session(key));
-        let opened = UpConn::admin(path, id).and_then(|mut up| {
+        let opened = connect(id).and_then(|mut up| {
             up.register(registry, Token(self.base + id))?;
             Ok(up)
         });

@@ -11,7 +11,7 @@ use elb_shm::Region;
 
 use crate::access::Access;
 use crate::balance;
-use crate::http::RequestHead;
+use crate::http::{self, RequestHead};
 use crate::published::UpstreamRecord;
 use crate::rules::{Decision, Scratch};
 use crate::view::View;
@@ -190,23 +190,18 @@ fn header<'b>(buf: &'b [u8], head: &RequestHead, name: &[u8]) -> Option<&'b [u8]
         .map(|(_, v)| &buf[v.clone()])
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 7.6.1),
-/// and those ELB sets itself (it answers `Expect: 100-continue` itself, as
-/// nginx does).
+/// Headers not passed upstream: those of the client's connection, and
+/// those ELB sets itself (it answers `Expect: 100-continue` itself, as nginx
+/// does; an upgrade is written anew).
 fn skipped(name: &[u8]) -> bool {
-    const SKIP: [&[u8]; 10] = [
+    const OWN: [&[u8]; 5] = [
         b"expect",
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
         b"upgrade",
         b"x-real-ip",
         b"remote-host",
         b"x-forwarded-for",
     ];
-    SKIP.iter().any(|s| name.eq_ignore_ascii_case(s))
+    http::is_hop_by_hop(name) || OWN.iter().any(|s| name.eq_ignore_ascii_case(s))
 }
 
 /// Writes the request head to send upstream.
@@ -233,13 +228,9 @@ fn write_head(
             // $proxy_add_x_forwarded_for does with the combined value.
             forwarded_for = Some(&buf[v.clone()]);
         }
-        if skipped(name) {
-            continue;
+        if !skipped(name) {
+            http::write::header(out, name, &buf[v.clone()]);
         }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&buf[v.clone()]);
-        out.extend_from_slice(b"\r\n");
     }
     // Writing into a Vec cannot fail.
     let _ = write!(
@@ -252,10 +243,7 @@ fn write_head(
     }
     let _ = write!(out, "{client}\r\n");
     for (name, value) in extra {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        http::write::header(out, name.as_bytes(), value.as_bytes());
     }
     if head.upgrade {
         out.extend_from_slice(b"Connection: upgrade\r\n");

@@ -848,18 +848,6 @@ fn read_into(r: &mut impl Read, buf: &mut Vec<u8>, scratch: &mut [u8]) -> io::Re
     }
 }
 
-/// Headers of a response that concern only the peer's connection.
-fn hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 5] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-    ];
-    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-}
-
 fn write_client_head(
     out: &mut Vec<u8>,
     buf: &[u8],
@@ -879,16 +867,13 @@ fn write_client_head(
     out.extend_from_slice(b"\r\n");
     for (n, v) in &head.headers {
         let name = &buf[n.clone()];
-        if hop_by_hop(name)
+        if http::is_hop_by_hop(name)
             || (!tunnel && name.eq_ignore_ascii_case(b"upgrade"))
             || (decoded && name.eq_ignore_ascii_case(b"transfer-encoding"))
         {
             continue;
         }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&buf[v.clone()]);
-        out.extend_from_slice(b"\r\n");
+        http::write::header(out, name, &buf[v.clone()]);
     }
     out.extend_from_slice(match (tunnel, keep) {
         (true, _) => b"Connection: upgrade\r\n\r\n".as_slice(),

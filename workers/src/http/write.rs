@@ -26,6 +26,14 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
+/// Appends one header line.
+pub fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends a complete response with a body to `out`.
 pub fn response(out: &mut Vec<u8>, status: u16, content_type: &str, body: &[u8], keep_alive: bool) {
     use std::io::Write;
