@@ -35,7 +35,8 @@
 //! and the connection closed without an answer: a kept-alive connection that
 //! the peer closed meanwhile), [`Mode::IdleClose`] (closes a connection idle
 //! for that long after an answer), [`Mode::Garbage`] (reads the request,
-//! answers with bytes that are not HTTP, closes).
+//! answers with bytes that are not HTTP, closes), [`Mode::Raw`] (reads each
+//! request and answers with exactly these bytes, keeping the connection).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -67,6 +68,7 @@ pub enum Mode {
     CloseReused,
     IdleClose(Duration),
     Garbage,
+    Raw(&'static [u8]),
 }
 
 /// A request as a peer received it.
@@ -416,6 +418,11 @@ fn serve(stream: TcpStream, id: usize, shared: &Shared, name: &str, mode: Mode) 
                 let _ = c.stream.shutdown(Shutdown::Write);
                 shared.dropped.fetch_add(1, Ordering::AcqRel);
                 return Ok(());
+            }
+            Mode::Raw(answer) => {
+                c.stream.write_all(answer)?;
+                answered += 1;
+                continue;
             }
             Mode::CloseReused if answered > 0 => {
                 let _ = c.stream.shutdown(Shutdown::Both);

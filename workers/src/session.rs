@@ -640,7 +640,9 @@ impl Session {
                 return Ok(progress);
             }
             let Some(body) = &mut x.resp else {
-                let head = match parse_response(&x.up_in, MAX_RESPONSE_HEAD) {
+                let parsed =
+                    parse_response(&x.up_in, MAX_RESPONSE_HEAD, std::mem::take(cx.headers));
+                let head = match parsed {
                     Ok(Some(h)) => h,
                     Ok(None) => return Ok(progress),
                     Err(_) => return self.fail(cx, Failure::Error, "sent an invalid response"),
@@ -648,11 +650,12 @@ impl Session {
                 progress = true;
                 if (100..200).contains(&head.status) && head.status != 101 {
                     // ELB answered 100 Continue itself; other interim
-                    // answers (103 Early Hints) go on as they are.
+                    // answers (103 Early Hints) go on.
                     if head.status != 100 {
-                        self.out.extend_from_slice(&x.up_in[..head.len]);
+                        write_client_head(&mut self.out, &x.up_in, &head, None, false);
                     }
                     x.up_in.drain(..head.len);
+                    *cx.headers = head.headers;
                     continue;
                 }
                 if let Some(p) = x.peer
@@ -697,15 +700,20 @@ impl Session {
                 // client's connection.
                 x.client_keep &= !matches!(body, Body::UntilClose) && !x.decode_chunked && !tunnel;
                 x.poolable &= head.keep_alive && !tunnel;
+                let connection: &[u8] = match (tunnel, x.client_keep) {
+                    (true, _) => b"upgrade",
+                    (false, true) => b"keep-alive",
+                    (false, false) => b"close",
+                };
                 write_client_head(
                     &mut self.out,
                     &x.up_in,
                     &head,
-                    x.client_keep,
-                    tunnel,
+                    Some(connection),
                     x.decode_chunked,
                 );
                 x.up_in.drain(..head.len);
+                *cx.headers = head.headers;
                 x.resp = Some(body);
                 continue;
             };
@@ -848,23 +856,21 @@ fn read_into(r: &mut impl Read, buf: &mut Vec<u8>, scratch: &mut [u8]) -> io::Re
     }
 }
 
+/// Writes a peer's answer head for the client, rebuilt from its parsed
+/// parts and never copied: the parser takes a bare LF for a line end, which
+/// the client might not, so raw bytes could carry a line the client reads
+/// otherwise. `connection`: the `Connection` value for a final answer
+/// (`upgrade` for a tunnel); none for an interim one. `decoded`: the body
+/// goes to the client without its chunked framing.
 fn write_client_head(
     out: &mut Vec<u8>,
     buf: &[u8],
     head: &http::ResponseHead,
-    keep: bool,
-    tunnel: bool,
+    connection: Option<&[u8]>,
     decoded: bool,
 ) {
-    // The status line with our version: the reason phrase is kept.
-    let line_end = buf.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
-    let after_version = buf[..line_end]
-        .iter()
-        .position(|b| *b == b' ')
-        .unwrap_or(line_end);
-    out.extend_from_slice(b"HTTP/1.1");
-    out.extend_from_slice(&buf[after_version..line_end]);
-    out.extend_from_slice(b"\r\n");
+    let tunnel = connection == Some(b"upgrade".as_slice());
+    http::write::status_line(out, head.status, &buf[head.reason.clone()]);
     for (n, v) in &head.headers {
         let name = &buf[n.clone()];
         if http::is_hop_by_hop(name)
@@ -875,9 +881,8 @@ fn write_client_head(
         }
         http::write::header(out, name, &buf[v.clone()]);
     }
-    out.extend_from_slice(match (tunnel, keep) {
-        (true, _) => b"Connection: upgrade\r\n\r\n".as_slice(),
-        (false, true) => b"Connection: keep-alive\r\n\r\n",
-        (false, false) => b"Connection: close\r\n\r\n",
-    });
+    if let Some(value) = connection {
+        http::write::header(out, b"Connection", value);
+    }
+    out.extend_from_slice(b"\r\n");
 }

@@ -335,6 +335,21 @@ mod tests {
             .expect("complete");
         assert!(!h.keep_alive);
     }
+
+    #[test]
+    fn a_response_reason_is_what_the_parser_accepted_and_nothing_after() {
+        let raw = b"HTTP/1.1 200 OK\nX-Injected: yes\r\nContent-Length: 0\r\n\r\n";
+        let h = parse_response(raw, 1 << 16, Vec::new())
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(&raw[h.reason.clone()], b"OK");
+        assert_eq!(h.headers.len(), 2);
+        let obs = b"HTTP/1.1 404 Nicht gefunden \xfc\r\nContent-Length: 0\r\n\r\n";
+        let h = parse_response(obs, 1 << 16, Vec::new())
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(h.reason, 0..0);
+    }
 }
 
 /// A parsed response head from a peer.
@@ -342,6 +357,9 @@ mod tests {
 pub struct ResponseHead {
     pub len: usize,
     pub status: u16,
+    /// The reason phrase: only bytes the parser accepted (tab, space,
+    /// visible ASCII), never a line end; empty if the peer sent none.
+    pub reason: Range<usize>,
     pub minor_version: u8,
     /// Framing, before the request method and status are taken into account.
     pub body: BodyKind,
@@ -351,8 +369,15 @@ pub struct ResponseHead {
     pub headers: Vec<(Range<usize>, Range<usize>)>,
 }
 
-/// Parses a peer's response head at the start of `buf`.
-pub fn parse_response(buf: &[u8], max_size: usize) -> Result<Option<ResponseHead>, ParseError> {
+/// Parses a peer's response head at the start of `buf`, filling `headers`
+/// (cleared first) so that a caller can hand the same vector back answer
+/// after answer.
+pub fn parse_response(
+    buf: &[u8],
+    max_size: usize,
+    mut headers: Vec<(Range<usize>, Range<usize>)>,
+) -> Result<Option<ResponseHead>, ParseError> {
+    headers.clear();
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut slots);
     let len = match resp.parse(buf) {
@@ -364,14 +389,20 @@ pub fn parse_response(buf: &[u8], max_size: usize) -> Result<Option<ResponseHead
     let (Some(status), Some(minor)) = (resp.code, resp.version) else {
         return Err(ParseError::Malformed("status line"));
     };
+    // The parser gives a static "" for a reason with obs-text: not in `buf`.
+    let reason = match resp.reason {
+        Some(r) if !r.is_empty() => range_of(buf, r.as_bytes()),
+        _ => 0..0,
+    };
     let mut head = ResponseHead {
         len,
         status,
+        reason,
         minor_version: minor,
         body: BodyKind::None,
         until_close: false,
         keep_alive: minor >= 1,
-        headers: Vec::with_capacity(resp.headers.len()),
+        headers,
     };
     let mut framing = Framing::default();
     for h in resp.headers.iter() {

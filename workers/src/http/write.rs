@@ -26,6 +26,16 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
+/// Appends a status line with our version: `HTTP/1.1 <status> <reason>`.
+/// `reason` must hold no line end (a parsed reason phrase holds none).
+pub fn status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
+    use std::io::Write;
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "HTTP/1.1 {status} ");
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends one header line.
 pub fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
@@ -37,11 +47,11 @@ pub fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// Appends a complete response with a body to `out`.
 pub fn response(out: &mut Vec<u8>, status: u16, content_type: &str, body: &[u8], keep_alive: bool) {
     use std::io::Write;
+    status_line(out, status, reason(status).as_bytes());
     // Writing into a Vec cannot fail.
     let _ = write!(
         out,
-        "HTTP/1.1 {status} {}\r\nServer: elb\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
-        reason(status),
+        "Server: elb\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
         body.len(),
         if keep_alive { "keep-alive" } else { "close" },
     );
