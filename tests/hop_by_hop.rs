@@ -1,14 +1,18 @@
-//! SPEC 6: a head is rebuilt, never copied. A peer's status line and header
-//! lines reach the client rebuilt from the parsed head, so a bare LF (which
-//! the parser accepts as a line end) cannot splice a header into the status
-//! line.
+//! SPEC 6: a head is rebuilt, never copied, and what belongs to one
+//! connection stays on it. A peer's status line and header lines reach the
+//! client rebuilt from the parsed head, so a bare LF (which the parser
+//! accepts as a line end) cannot splice a header into the status line; the
+//! hop-by-hop fields, and every field a `Connection` header names, pass
+//! neither to the peer nor to the client (RFC 9110 7.6.1), while keep-alive
+//! and close mean what they meant.
 
 mod common;
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use common::HttpConn;
 use common::peers::{DOMAIN, Mode, Peer, Proxy, head_values, read_until_close, show, split_head};
 
 const CONFIG: &str = "[timeouts]\nconnect = 2\nupstream_read = 10\n";
@@ -107,4 +111,142 @@ fn bare_lfs_between_headers_and_in_an_interim_answer_are_not_passed_on() {
     assert_eq!(head_values(&head, "x-a"), ["1"], "{head:?}");
     assert_eq!(head_values(&head, "x-injected"), ["yes"], "{head:?}");
     assert_eq!(body, b"ok");
+}
+
+/// Fields the client's requests carry that must not reach the peer.
+const CLIENT_ONLY: [&str; 7] = [
+    "x-secret",
+    "x-other",
+    "x-third",
+    "keep-alive",
+    "te",
+    "proxy-connection",
+    "trailer",
+];
+
+fn hop_request(connection: &str) -> String {
+    format!(
+        "GET /hop HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: {connection}\r\nX-Secret: 1\r\n\
+         x-OTHER: 2\r\nConnection:x-third\r\nX-Third: 3\r\nKeep-Alive: timeout=5\r\n\
+         TE: trailers\r\nProxy-Connection: keep-alive\r\nTrailer: X-T\r\nX-Kept: yes\r\n\r\n"
+    )
+}
+
+#[test]
+fn fields_named_in_the_clients_connection_do_not_reach_the_peer() {
+    let peer = Peer::echo("a");
+    let proxy = proxy_to(&peer);
+    let mut c = proxy.conn(TIMEOUT);
+    // Listed with odd case and spacing, over two Connection headers; the
+    // connection is kept, as nothing says close.
+    for _ in 0..2 {
+        c.send(hop_request("X-Secret,  x-other ").as_bytes())
+            .expect("send");
+        let r = c.read_response().expect("an answer");
+        assert_eq!(r.status, 200, "{}", r.body_text());
+    }
+    // `close` among the names still closes the client's connection.
+    c.send(hop_request("x-secret, Close, x-other").as_bytes())
+        .expect("send");
+    let r = c.read_response().expect("an answer");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    assert_eq!(r.header("connection"), Some("close"), "{:?}", r.headers);
+    let after = c.read_response().map(|r| r.status);
+    assert!(
+        matches!(&after, Err(e) if e.kind() == io::ErrorKind::UnexpectedEof),
+        "elb should close after `Connection: x-secret, Close, x-other`: {after:?}"
+    );
+
+    let seen = peer.seen();
+    assert_eq!(seen.len(), 3);
+    for s in &seen {
+        for name in CLIENT_ONLY {
+            assert_eq!(
+                s.header(name),
+                None,
+                "the peer received {name}; it got {:?}",
+                s.headers
+            );
+        }
+        assert_eq!(s.header("x-kept"), Some("yes"), "{:?}", s.headers);
+        let connection: Vec<&str> = s
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("connection"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(connection, ["keep-alive"], "{:?}", s.headers);
+    }
+}
+
+#[test]
+fn fields_named_in_the_peers_connection_do_not_reach_the_client() {
+    let peer = Peer::start(
+        "raw",
+        Mode::Raw(
+            b"HTTP/1.1 200 OK\r\nConnection: X-Peer-Secret, keep-alive\r\nX-Peer-Secret: s\r\n\
+              Keep-Alive: timeout=5\r\nconnection: x-more\r\nX-MORE: m\r\nX-Kept: yes\r\n\
+              Content-Length: 2\r\n\r\nok",
+        ),
+    );
+    let proxy = proxy_to(&peer);
+    let mut c = HttpConn::connect(proxy.addr(), TIMEOUT).expect("connect to elb");
+    for i in 0..2 {
+        let r = c
+            .request("GET", DOMAIN, "/p", &[], b"")
+            .unwrap_or_else(|e| panic!("answer {i} on a kept connection: {e}"));
+        assert_eq!(r.status, 200);
+        for name in ["x-peer-secret", "x-more", "keep-alive"] {
+            assert_eq!(
+                r.header(name),
+                None,
+                "the client received {name}; it got {:?}",
+                r.headers
+            );
+        }
+        assert_eq!(r.header("x-kept"), Some("yes"), "{:?}", r.headers);
+        assert_eq!(
+            r.header("connection"),
+            Some("keep-alive"),
+            "{:?}",
+            r.headers
+        );
+        assert_eq!(r.body, b"ok");
+    }
+    // The peer's names did not make its connection unusable: it was pooled.
+    assert_eq!(peer.connections(), 1, "peer connections for two requests");
+}
+
+#[test]
+fn connection_cannot_take_away_a_requests_framing_or_host() {
+    let peer = Peer::echo("a");
+    let proxy = proxy_to(&peer);
+    let mut c = proxy.conn(TIMEOUT);
+    // Were Content-Length dropped, the peer would take the body for a
+    // second request.
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: d.test\r\n\r\n";
+    c.send(
+        format!(
+            "POST /p HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: Content-Length, host, transfer-encoding\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        )
+        .as_bytes(),
+    )
+    .expect("send");
+    let r = c.read_response().expect("an answer");
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let r = c
+        .request("GET", DOMAIN, "/after", &[], b"")
+        .expect("a request after");
+    assert_eq!(r.header("x-target"), Some("/after"));
+    let seen = peer.seen();
+    let targets: Vec<&str> = seen.iter().map(|s| s.target.as_str()).collect();
+    assert_eq!(targets, ["/p", "/after"]);
+    assert_eq!(seen[0].body_len, smuggled.len());
+    assert_eq!(
+        seen[0].header("host"),
+        Some(DOMAIN),
+        "{:?}",
+        seen[0].headers
+    );
 }

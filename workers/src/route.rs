@@ -190,10 +190,11 @@ fn header<'b>(buf: &'b [u8], head: &RequestHead, name: &[u8]) -> Option<&'b [u8]
         .map(|(_, v)| &buf[v.clone()])
 }
 
-/// Headers not passed upstream: those of the client's connection, and
-/// those ELB sets itself (it answers `Expect: 100-continue` itself, as nginx
-/// does; an upgrade is written anew).
-fn skipped(name: &[u8]) -> bool {
+/// Headers not passed upstream: those of the client's connection (the
+/// hop-by-hop set and what its `Connection` names), and those ELB sets
+/// itself (it answers `Expect: 100-continue` itself, as nginx does; an
+/// upgrade is written anew).
+fn skipped(buf: &[u8], head: &RequestHead, name: &[u8]) -> bool {
     const OWN: [&[u8]; 5] = [
         b"expect",
         b"upgrade",
@@ -201,7 +202,8 @@ fn skipped(name: &[u8]) -> bool {
         b"remote-host",
         b"x-forwarded-for",
     ];
-    http::is_hop_by_hop(name) || OWN.iter().any(|s| name.eq_ignore_ascii_case(s))
+    http::is_hop_by_hop(name, buf, &head.connection)
+        || OWN.iter().any(|s| name.eq_ignore_ascii_case(s))
 }
 
 /// Writes the request head to send upstream.
@@ -228,7 +230,7 @@ fn write_head(
             // $proxy_add_x_forwarded_for does with the combined value.
             forwarded_for = Some(&buf[v.clone()]);
         }
-        if !skipped(name) {
+        if !skipped(buf, head, name) {
             http::write::header(out, name, &buf[v.clone()]);
         }
     }

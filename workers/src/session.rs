@@ -873,7 +873,7 @@ fn write_client_head(
     http::write::status_line(out, head.status, &buf[head.reason.clone()]);
     for (n, v) in &head.headers {
         let name = &buf[n.clone()];
-        if http::is_hop_by_hop(name)
+        if http::is_hop_by_hop(name, buf, &head.connection)
             || (!tunnel && name.eq_ignore_ascii_case(b"upgrade"))
             || (decoded && name.eq_ignore_ascii_case(b"transfer-encoding"))
         {

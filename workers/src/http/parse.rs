@@ -57,6 +57,8 @@ pub struct RequestHead {
     pub upgrade: bool,
     /// Every header as (name, value) ranges, in order.
     pub headers: Vec<(Range<usize>, Range<usize>)>,
+    /// The fields its `Connection` headers name.
+    pub connection: ConnectionNames,
 }
 
 impl RequestHead {
@@ -126,6 +128,7 @@ pub fn parse_request_into(
         expect_continue: false,
         upgrade: false,
         headers,
+        connection: ConnectionNames::default(),
     };
     let mut framing = Framing::default();
     for h in req.headers.iter() {
@@ -133,7 +136,7 @@ pub fn parse_request_into(
         let value = trim(h.value);
         head.headers
             .push((range_of(buf, name), range_of(buf, value)));
-        if framing.take(name, value, minor, &mut head.keep_alive)? {
+        if framing.take(buf, name, value, minor, &mut head.keep_alive)? {
             continue;
         }
         if name.eq_ignore_ascii_case(b"host") {
@@ -154,7 +157,9 @@ pub fn parse_request_into(
         chunked,
         transfer_encoding,
         connection_upgrade,
+        named,
     } = framing;
+    head.connection = named;
     head.upgrade &= connection_upgrade && minor >= 1;
     head.body = match (transfer_encoding, content_length) {
         (true, Some(_)) => {
@@ -198,12 +203,51 @@ struct Framing {
     /// "chunked" is the final coding (only then does it frame the body).
     chunked: bool,
     connection_upgrade: bool,
+    named: ConnectionNames,
+}
+
+/// At most this many fields may be named in a message's `Connection`
+/// headers: each header line is compared with each name, so the names are
+/// bounded to keep that linear in the head's size (real messages name one
+/// or two).
+const MAX_CONNECTION_NAMES: usize = 16;
+
+/// The fields a message's `Connection` headers name (RFC 9110 7.6.1), as
+/// ranges of the buffer it was parsed from, kept in the head itself so that
+/// a proxied message allocates nothing for them. Options ELB acts on itself
+/// (`close`, `upgrade`), names already in the hop-by-hop set, and the fields
+/// ELB passes on as the message's own (see [`super::is_hop_by_hop`]) are not
+/// kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionNames {
+    names: [Range<usize>; MAX_CONNECTION_NAMES],
+    len: usize,
+}
+
+impl ConnectionNames {
+    /// Whether `name` is among the names (case-insensitive).
+    pub fn contains(&self, buf: &[u8], name: &[u8]) -> bool {
+        self.names[..self.len]
+            .iter()
+            .any(|r| buf[r.clone()].eq_ignore_ascii_case(name))
+    }
+
+    fn push(&mut self, name: Range<usize>) -> Result<(), ParseError> {
+        let slot = self
+            .names
+            .get_mut(self.len)
+            .ok_or(ParseError::Malformed("too many fields named in Connection"))?;
+        *slot = name;
+        self.len += 1;
+        Ok(())
+    }
 }
 
 impl Framing {
     /// Takes in a header if it is one of these; returns whether it was.
     fn take(
         &mut self,
+        buf: &[u8],
         name: &[u8],
         value: &[u8],
         minor: u8,
@@ -229,6 +273,8 @@ impl Framing {
                     *keep_alive = true;
                 } else if token.eq_ignore_ascii_case(b"upgrade") {
                     self.connection_upgrade = true;
+                } else if !token.is_empty() && super::nominable(token) {
+                    self.named.push(range_of(buf, token))?;
                 }
             }
         } else {
@@ -337,6 +383,36 @@ mod tests {
     }
 
     #[test]
+    fn connection_names_are_kept_except_options_and_framing() {
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-A ,, keep-alive\r\n\
+                   connection:upgrade,x-b, Content-Length, HOST, te\r\n\r\n";
+        let h = parse(raw).expect("ok").expect("complete");
+        let buf = raw.as_bytes();
+        for name in ["x-a", "X-B"] {
+            assert!(h.connection.contains(buf, name.as_bytes()), "{name}");
+        }
+        for name in [
+            "close",
+            "keep-alive",
+            "upgrade",
+            "content-length",
+            "host",
+            "te",
+        ] {
+            assert!(!h.connection.contains(buf, name.as_bytes()), "{name}");
+        }
+        assert!(!h.keep_alive);
+        let names: Vec<String> = (0..=MAX_CONNECTION_NAMES)
+            .map(|i| format!("x-{i}"))
+            .collect();
+        let many = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: {}\r\n\r\n",
+            names.join(",")
+        );
+        assert_eq!(parse(&many).map_err(ParseError::status), Err(400));
+    }
+
+    #[test]
     fn a_response_reason_is_what_the_parser_accepted_and_nothing_after() {
         let raw = b"HTTP/1.1 200 OK\nX-Injected: yes\r\nContent-Length: 0\r\n\r\n";
         let h = parse_response(raw, 1 << 16, Vec::new())
@@ -367,6 +443,8 @@ pub struct ResponseHead {
     pub until_close: bool,
     pub keep_alive: bool,
     pub headers: Vec<(Range<usize>, Range<usize>)>,
+    /// The fields its `Connection` headers name.
+    pub connection: ConnectionNames,
 }
 
 /// Parses a peer's response head at the start of `buf`, filling `headers`
@@ -403,6 +481,7 @@ pub fn parse_response(
         until_close: false,
         keep_alive: minor >= 1,
         headers,
+        connection: ConnectionNames::default(),
     };
     let mut framing = Framing::default();
     for h in resp.headers.iter() {
@@ -410,13 +489,15 @@ pub fn parse_response(
         let value = trim(h.value);
         head.headers
             .push((range_of(buf, name), range_of(buf, value)));
-        framing.take(name, value, minor, &mut head.keep_alive)?;
+        framing.take(buf, name, value, minor, &mut head.keep_alive)?;
     }
     let Framing {
         content_length,
         chunked,
+        named,
         ..
     } = framing;
+    head.connection = named;
     // Transfer-Encoding wins over Content-Length (RFC 9112 6.3), and such a
     // connection is not reused.
     head.body = if chunked {
