@@ -47,6 +47,16 @@ pub struct Limits {
     pub max_header_size: u64,
 }
 
+/// `[admin_limits]`: what one admin client may cost the master.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdminLimits {
+    /// A bigger admin body is answered 413 and read no further.
+    pub max_body_size: u64,
+    /// Admin connections served at once, per listener; more wait in its
+    /// backlog.
+    pub max_connections: usize,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamPolicy {
     pub tries: u32,
@@ -75,6 +85,7 @@ pub struct Settings {
     pub admin: AdminAddr,
     pub admin_allow: Vec<Cidr>,
     pub admin_token: Option<String>,
+    pub admin_limits: AdminLimits,
     pub workers: usize,
     pub shm_size: usize,
     pub shutdown_timeout: Duration,
@@ -107,6 +118,10 @@ impl Default for Settings {
                 },
             ],
             admin_token: None,
+            admin_limits: AdminLimits {
+                max_body_size: 64 << 20,
+                max_connections: 64,
+            },
             workers: cpus.min(elb_shm::MAX_WORKERS),
             shm_size: 64 << 20,
             shutdown_timeout: Duration::from_secs(10),
@@ -490,6 +505,7 @@ struct File {
     access_log: Option<String>,
     etcd: Option<FileEtcd>,
     admin_access: Option<FileAdminAccess>,
+    admin_limits: Option<FileAdminLimits>,
     statsd: Option<FileStatsd>,
     timeouts: Option<FileTimeouts>,
     limits: Option<FileLimits>,
@@ -510,6 +526,14 @@ struct FileEtcd {
 struct FileAdminAccess {
     allow: Option<Vec<String>>,
     token: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdminLimits {
+    max_body_size: Option<SizeValue>,
+    // Signed, so that a negative value is refused naming the key.
+    max_connections: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -621,6 +645,23 @@ fn apply_file(s: &mut Settings, path: &str) -> Result<(), SettingsError> {
                 .collect::<Result<_, _>>()?;
         }
         s.admin_token = a.token.filter(|t| !t.is_empty()).or(s.admin_token.take());
+    }
+    if let Some(l) = f.admin_limits {
+        if let Some(v) = l.max_body_size {
+            s.admin_limits.max_body_size =
+                parse_size(&o("admin_limits.max_body_size"), &size_text(v))?;
+        }
+        if let Some(n) = l.max_connections {
+            s.admin_limits.max_connections = match usize::try_from(n) {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    return Err(invalid(
+                        &o("admin_limits.max_connections"),
+                        format!("'{n}' must be at least 1"),
+                    ));
+                }
+            };
+        }
     }
     if let Some(st) = f.statsd {
         if let Some(a) = st.address {
@@ -763,6 +804,55 @@ mod tests {
         assert_eq!(s.timeouts.keepalive, Duration::from_secs(65));
         assert_eq!(s.limits.client_max_body_size, 50 << 20);
         assert_eq!(s.upstream.tries, 3);
+        assert_eq!(
+            s.admin_limits,
+            AdminLimits {
+                max_body_size: 64 << 20,
+                max_connections: 64
+            }
+        );
+    }
+
+    #[test]
+    fn admin_limits_are_read_from_the_file_and_checked() {
+        let dir = std::env::temp_dir().join(format!("elb-admin-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("elb.toml");
+        let f = file.to_str().expect("utf8");
+        let with = |text: &str| {
+            std::fs::write(&file, text).expect("write");
+            run(&["--config", f], &[])
+        };
+        let s = with("[admin_limits]\nmax_body_size = \"1k\"\nmax_connections = 2\n").expect("ok");
+        assert_eq!(
+            s.admin_limits,
+            AdminLimits {
+                max_body_size: 1024,
+                max_connections: 2
+            }
+        );
+        let s = with("[admin_limits]\nmax_body_size = 5000\n").expect("ok");
+        assert_eq!(s.admin_limits.max_body_size, 5000);
+        assert_eq!(s.admin_limits.max_connections, 64);
+        for (text, key) in [
+            (
+                "[admin_limits]\nmax_body_size = \"lots\"\n",
+                "admin_limits.max_body_size",
+            ),
+            (
+                "[admin_limits]\nmax_connections = 0\n",
+                "admin_limits.max_connections",
+            ),
+            (
+                "[admin_limits]\nmax_connections = -3\n",
+                "admin_limits.max_connections",
+            ),
+            ("[admin_limits]\nmax_conections = 3\n", "max_conections"),
+        ] {
+            let m = message(with(text));
+            assert!(m.contains(key), "{text:?}: {m}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -102,7 +102,13 @@ pub fn run(settings: Settings) -> i32 {
         token: settings.admin_token.clone(),
     };
     let admin_socket = private.join("admin.sock");
-    if let Err(e) = admin::serve(&settings.admin, &admin_socket, store.clone(), access) {
+    if let Err(e) = admin::serve(
+        &settings.admin,
+        &admin_socket,
+        store.clone(),
+        access,
+        settings.admin_limits,
+    ) {
         eprintln!("elb: {e}");
         let _ = std::fs::remove_dir_all(&private);
         return 1;
@@ -210,6 +216,7 @@ impl Supervisor {
             limits: Limits {
                 client_max_body_size: s.limits.client_max_body_size,
                 max_header_size: s.limits.max_header_size as usize,
+                admin_max_body_size: s.admin_limits.max_body_size,
             },
             timeouts: Timeouts {
                 connect_ms: ms(s.timeouts.connect),

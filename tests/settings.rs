@@ -135,6 +135,19 @@ fn a_bad_value_in_the_config_file_is_refused_naming_it() {
         line.contains("elb.toml"),
         "the line does not name the file: {line:?}"
     );
+    for (text, key) in [
+        (
+            "[admin_limits]\nmax_body_size = \"lots\"\n",
+            "admin_limits.max_body_size",
+        ),
+        (
+            "[admin_limits]\nmax_connections = 0\n",
+            "admin_limits.max_connections",
+        ),
+    ] {
+        let f = dir.write("limits.toml", text);
+        refused(&["--config", f.to_str().expect("utf-8 path")], &[], key);
+    }
     let missing = dir.path().join("missing.toml");
     refused(
         &["--config", missing.to_str().expect("utf-8 path")],

@@ -7,23 +7,20 @@ use std::net::{IpAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
-use elb_workers::http::{self, BodyKind, parse_request};
+use elb_workers::http::chunked::ChunkedTracker;
+use elb_workers::http::{self, BodyKind, RequestHead, parse_request};
 
 use elb_workers::access::Access;
 
-use crate::settings::AdminAddr;
+use crate::settings::{AdminAddr, AdminLimits};
 use crate::store::Store;
 
 use super::api;
 
-/// Largest admin request body accepted (a whole configuration fits).
-const MAX_BODY: u64 = 64 << 20;
 const MAX_HEAD: usize = 64 << 10;
-const MAX_CONNECTIONS: usize = 64;
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
@@ -41,24 +38,35 @@ pub fn serve(
     private: &Path,
     store: Arc<Mutex<Store>>,
     access: Access,
+    limits: AdminLimits,
 ) -> Result<(), AdminBindError> {
     let bind_err = |what: String| move |source| AdminBindError { what, source };
     let access = Arc::new(access);
-    let live = Arc::new(AtomicUsize::new(0));
+    let max_body = limits.max_body_size;
+    // One budget per listener: a flood on --admin cannot hold up the
+    // requests workers forward, nor the other way round.
+    let slots = || Arc::new(Slots::new(limits.max_connections));
     match admin {
         AdminAddr::Tcp(addr) => {
             let l = TcpListener::bind(addr).map_err(bind_err(addr.to_string()))?;
-            let (store, access, live) = (store.clone(), access.clone(), live.clone());
-            spawn("elb-admin", move || accept_tcp(l, store, access, live));
+            let (store, slots) = (store.clone(), slots());
+            spawn("elb-admin", move || {
+                accept_tcp(l, &store, &access, &slots, max_body);
+            });
         }
         AdminAddr::Unix(path) => {
             let l = bind_unix(path).map_err(bind_err(format!("unix:{}", path.display())))?;
-            let (store, live) = (store.clone(), live.clone());
-            spawn("elb-admin", move || accept_unix(l, store, live));
+            let (store, slots) = (store.clone(), slots());
+            spawn("elb-admin", move || {
+                accept_unix(l, &store, &slots, max_body)
+            });
         }
     }
     let l = bind_unix(private).map_err(bind_err(format!("unix:{}", private.display())))?;
-    spawn("elb-admin-fwd", move || accept_unix(l, store, live));
+    let slots = slots();
+    spawn("elb-admin-fwd", move || {
+        accept_unix(l, &store, &slots, max_body)
+    });
     Ok(())
 }
 
@@ -81,53 +89,85 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// Connections served at once on one listener. A listener takes a slot
+/// before it accepts, so that clients beyond the limit wait in the kernel's
+/// backlog (costing the master nothing) until a connection ends.
+struct Slots {
+    live: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+/// One taken slot; given back when the connection's thread ends.
+struct Slot(Arc<Slots>);
+
+impl Slots {
+    fn new(max: usize) -> Slots {
+        Slots {
+            live: Mutex::new(0),
+            freed: Condvar::new(),
+            max: max.max(1),
+        }
+    }
+
+    fn take(self: &Arc<Self>) -> Slot {
+        // The counter stays right whatever thread panicked holding it.
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        while *live >= self.max {
+            live = self
+                .freed
+                .wait(live)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *live += 1;
+        Slot(self.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut live = self.0.live.lock().unwrap_or_else(PoisonError::into_inner);
+        *live -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
 fn accept_tcp(
     l: TcpListener,
-    store: Arc<Mutex<Store>>,
-    access: Arc<Access>,
-    live: Arc<AtomicUsize>,
+    store: &Arc<Mutex<Store>>,
+    access: &Arc<Access>,
+    slots: &Arc<Slots>,
+    max_body: u64,
 ) {
-    for conn in l.incoming() {
-        let Ok(stream) = conn else { continue };
-        let Ok(peer) = stream.peer_addr() else {
+    loop {
+        let slot = slots.take();
+        let Ok((stream, peer)) = l.accept() else {
             continue;
         };
-        if !admit(&live) {
-            continue;
-        }
-        let (store, access, live) = (store.clone(), access.clone(), live.clone());
+        let (store, access) = (store.clone(), access.clone());
         spawn("elb-admin-conn", move || {
             let gate = Gate::Tcp {
                 ip: peer.ip(),
                 access: &access,
             };
-            serve_conn(stream, &store, &gate);
-            live.fetch_sub(1, Ordering::Relaxed);
+            serve_conn(stream, &store, &gate, max_body);
+            drop(slot);
         });
     }
 }
 
-fn accept_unix(l: UnixListener, store: Arc<Mutex<Store>>, live: Arc<AtomicUsize>) {
-    for conn in l.incoming() {
-        let Ok(stream) = conn else { continue };
-        if !admit(&live) {
+fn accept_unix(l: UnixListener, store: &Arc<Mutex<Store>>, slots: &Arc<Slots>, max_body: u64) {
+    loop {
+        let slot = slots.take();
+        let Ok((stream, _)) = l.accept() else {
             continue;
-        }
-        let (store, live) = (store.clone(), live.clone());
+        };
+        let store = store.clone();
         spawn("elb-admin-conn", move || {
-            serve_conn(stream, &store, &Gate::Open);
-            live.fetch_sub(1, Ordering::Relaxed);
+            serve_conn(stream, &store, &Gate::Open, max_body);
+            drop(slot);
         });
     }
-}
-
-fn admit(live: &AtomicUsize) -> bool {
-    if live.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
-        live.fetch_sub(1, Ordering::Relaxed);
-        log::warn!("admin: too many connections, refusing one");
-        return false;
-    }
-    true
 }
 
 enum Gate<'a> {
@@ -138,6 +178,22 @@ enum Gate<'a> {
         ip: IpAddr,
         access: &'a Access,
     },
+}
+
+impl Gate<'_> {
+    fn admits(&self, buf: &[u8], head: &RequestHead) -> bool {
+        match self {
+            Gate::Open => true,
+            Gate::Tcp { ip, access } => {
+                let authorization = head
+                    .headers
+                    .iter()
+                    .find(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(b"authorization"))
+                    .map(|(_, v)| &buf[v.clone()]);
+                access.admits(*ip, authorization)
+            }
+        }
+    }
 }
 
 trait Conn: Read + Write {
@@ -159,7 +215,7 @@ impl Conn for std::os::unix::net::UnixStream {
 }
 
 /// Serves requests on one connection until it closes or errs.
-fn serve_conn(mut stream: impl Conn, store: &Mutex<Store>, gate: &Gate<'_>) {
+fn serve_conn(mut stream: impl Conn, store: &Mutex<Store>, gate: &Gate<'_>, max_body: u64) {
     if stream.set_timeouts(IO_TIMEOUT).is_err() {
         return;
     }
@@ -180,53 +236,106 @@ fn serve_conn(mut stream: impl Conn, store: &Mutex<Store>, gate: &Gate<'_>) {
                 return;
             }
         };
-        let len = match head.body {
-            BodyKind::None => 0,
-            BodyKind::Length(n) if n <= MAX_BODY => n as usize,
-            BodyKind::Length(_) => return reply_close(&mut stream, 413, "body too large"),
-            BodyKind::Chunked => {
-                return reply_close(&mut stream, 411, "send the body with Content-Length");
-            }
-        };
-        if head.expect_continue && len > 0 && buf.len() < head.len + len {
-            let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+        // SPEC 4: decided from the head alone, before any of the body is
+        // read and without a 100 Continue; the unread body ends the
+        // connection.
+        if !gate.admits(&buf, &head) {
+            return reply_close(&mut stream, 403, "forbidden");
         }
-        while buf.len() < head.len + len {
-            if !read_more(&mut stream, &mut buf) {
-                return;
-            }
+        if matches!(head.body, BodyKind::Length(n) if n > max_body) {
+            return reply_close(&mut stream, 413, "body too large");
         }
-        let authorization = head
-            .headers
-            .iter()
-            .find(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(b"authorization"))
-            .map(|(_, v)| &buf[v.clone()]);
-        let answer = match gate {
-            Gate::Tcp { ip, access } if !access.admits(*ip, authorization) => api::Answer {
-                status: 403,
-                body: serde_json::json!({"error": "forbidden"}),
-            },
-            _ => api::handle(
-                store,
-                head.method(&buf),
-                head.target(&buf),
-                &buf[head.len..head.len + len],
-            ),
+        if head.expect_continue
+            && head.body != BodyKind::None
+            && buf.len() == head.len
+            && stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err()
+        {
+            return;
+        }
+        let body = match read_body(&mut stream, &mut buf, &head, max_body) {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => return reply_close(&mut stream, 413, "body too large"),
+            Err(BodyError::Framing) => return reply_close(&mut stream, 400, "bad chunked body"),
+            Err(BodyError::Closed) => return,
         };
+        let answer = api::handle(store, head.method(&buf), head.target(&buf), &body);
         out.clear();
-        let body = answer.body.to_string();
+        let text = answer.body.to_string();
         http::write::response(
             &mut out,
             answer.status,
             "application/json",
-            body.as_bytes(),
+            text.as_bytes(),
             head.keep_alive,
         );
         if stream.write_all(&out).is_err() || !head.keep_alive {
             return;
         }
-        buf.drain(..head.len + len);
+        buf.drain(..head.len);
     }
+}
+
+enum BodyError {
+    TooLarge,
+    Framing,
+    Closed,
+}
+
+/// Reads the body that follows `head` (at the start of `buf`) into a vector
+/// of its own, refusing it as soon as it would pass `max`. Leaves in `buf`
+/// the head and whatever followed the body (a pipelined request), so that
+/// `buf` never holds more than the head and one read.
+fn read_body(
+    stream: &mut impl Conn,
+    buf: &mut Vec<u8>,
+    head: &RequestHead,
+    max: u64,
+) -> Result<Vec<u8>, BodyError> {
+    let mut body = Vec::new();
+    let mut framing = match head.body {
+        BodyKind::None => return Ok(body),
+        BodyKind::Length(n) => {
+            // `n <= max` was checked; the allocation is what was declared.
+            body.reserve_exact(usize::try_from(n).map_err(|_| BodyError::TooLarge)?);
+            Framing::Length(n)
+        }
+        BodyKind::Chunked => Framing::Chunked(ChunkedTracker::default()),
+    };
+    loop {
+        let avail = &buf[head.len..];
+        let used = match &mut framing {
+            Framing::Length(left) => {
+                let n = avail
+                    .len()
+                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                body.extend_from_slice(&avail[..n]);
+                *left -= n as u64;
+                n
+            }
+            Framing::Chunked(t) => t.decode(avail, &mut body).map_err(|_| BodyError::Framing)?,
+        };
+        if body.len() as u64 > max {
+            return Err(BodyError::TooLarge);
+        }
+        let done = match &framing {
+            Framing::Length(left) => *left == 0,
+            Framing::Chunked(t) => t.is_done(),
+        };
+        if done {
+            buf.drain(head.len..head.len + used);
+            return Ok(body);
+        }
+        // All that was read belongs to the body and is in `body` now.
+        buf.truncate(head.len);
+        if !read_more(stream, buf) {
+            return Err(BodyError::Closed);
+        }
+    }
+}
+
+enum Framing {
+    Length(u64),
+    Chunked(ChunkedTracker),
 }
 
 fn read_more(stream: &mut impl Conn, buf: &mut Vec<u8>) -> bool {

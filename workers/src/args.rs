@@ -32,8 +32,12 @@ pub struct WorkerArgs {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Limits {
+    /// Bodies of proxied requests.
     pub client_max_body_size: u64,
     pub max_header_size: usize,
+    /// Bodies of `/__erulb__/` requests, handed to the master
+    /// (`[admin_limits] max_body_size`).
+    pub admin_max_body_size: u64,
 }
 
 /// When a request goes to another peer.

@@ -58,7 +58,7 @@ impl Router {
         out: &mut Vec<u8>,
     ) -> Routed {
         let (path, query) = split_target(head.target(buf));
-        if path.starts_with(ADMIN_PREFIX) || path == &ADMIN_PREFIX[..ADMIN_PREFIX.len() - 1] {
+        if is_admin_path(path) {
             let auth = header(buf, head, b"authorization");
             if !ctx.access.admits(ctx.client, auth) {
                 return Routed::Status(403);
@@ -164,6 +164,15 @@ pub(crate) fn pick(
         max_fails: peer.max_fails,
         fail_timeout_ms: peer.fail_timeout_ms,
     })
+}
+
+/// Whether a request for `target` is for the admin API (`/__erulb__/…`).
+pub(crate) fn is_admin(target: &[u8]) -> bool {
+    is_admin_path(split_target(target).0)
+}
+
+fn is_admin_path(path: &[u8]) -> bool {
+    path.starts_with(ADMIN_PREFIX) || path == &ADMIN_PREFIX[..ADMIN_PREFIX.len() - 1]
 }
 
 /// Path and query (with its `?`) of an origin-form or absolute-form target.

@@ -120,6 +120,16 @@ impl Body {
     }
 }
 
+/// The largest request body taken: the admin API's own limit for requests
+/// handed to the master, the proxy's for the others.
+fn body_limit(args: &WorkerArgs, admin: bool) -> u64 {
+    if admin {
+        args.limits.admin_max_body_size
+    } else {
+        args.limits.client_max_body_size
+    }
+}
+
 /// Why a peer did not serve a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {
@@ -389,10 +399,13 @@ impl Session {
         }
         let has_body = head.body != BodyKind::None;
         let keep = head.keep_alive;
-        if let BodyKind::Length(n) = head.body
-            && n > cx.args.limits.client_max_body_size
-        {
-            // At once, and without a 100 Continue first.
+        let admin = crate::route::is_admin(head.target(&self.inbuf));
+        let max_body = body_limit(cx.args, admin);
+        let too_big = matches!(head.body, BodyKind::Length(n) if n > max_body);
+        // At once, and without a 100 Continue first; an admin request only
+        // once routing has checked its access (SPEC 4: a refused client
+        // gets 403, whatever it declares), which picks no peer.
+        if too_big && !admin {
             self.inbuf.clear();
             self.answer_local(cx, 413, false);
             return Ok(true);
@@ -423,6 +436,11 @@ impl Session {
                 return Ok(true);
             }
             Routed::Peer { peer, upstream } => (Some(peer), upstream),
+            Routed::Admin if too_big => {
+                self.inbuf.clear();
+                self.answer_local(cx, 413, false);
+                return Ok(true);
+            }
             Routed::Admin => (None, None),
         };
         if continue_first {
@@ -562,7 +580,7 @@ impl Session {
                 x.replayable = false;
             }
             progress |= x.to_up.len() > before;
-            if x.body_bytes > cx.args.limits.client_max_body_size {
+            if x.body_bytes > body_limit(cx.args, x.peer.is_none()) {
                 let answered = x.answered;
                 return self.refuse(cx, answered, 413);
             }
