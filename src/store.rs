@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use elb_shm::Region;
 use elb_shm::config::{ConfigError, ConfigWriter};
+use elb_shm::states::Incarnation;
 use elb_workers::balance::smooth_wrr_schedule;
 use elb_workers::published::{PeerRecord, UpstreamRecord, domain_key, upstream_key};
 use elb_workers::rules::RuleSet;
@@ -36,7 +37,7 @@ pub enum StoreError {
 pub struct Peer {
     pub addr: SocketAddr,
     pub params: PeerParams,
-    slot: u32,
+    slot: Held,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -171,7 +172,7 @@ impl Store {
         let cursor_slot = old
             .as_ref()
             .map(|u| u.cursor_slot)
-            .or_else(|| self.slots.take(self.region))
+            .or_else(|| self.slots.take(self.region).map(|h| h.index))
             .ok_or(StoreError::NoStateSlot)?;
         let mut old_peers = old.map(|u| u.peers).unwrap_or_default();
         let mut peers = BTreeMap::new();
@@ -180,7 +181,7 @@ impl Store {
             let slot = match old_peers.remove(&peer_name) {
                 Some(p) if p.addr == addr => p.slot,
                 Some(p) => {
-                    self.slots.retire(p.slot, self.writer.generation());
+                    self.slots.retire(p.slot.index, self.writer.generation());
                     self.slots
                         .take(self.region)
                         .ok_or(StoreError::NoStateSlot)?
@@ -193,7 +194,7 @@ impl Store {
             peers.insert(peer_name, Peer { addr, params, slot });
         }
         for p in old_peers.values() {
-            self.slots.retire(p.slot, self.writer.generation());
+            self.slots.retire(p.slot.index, self.writer.generation());
         }
         let up = Upstream { peers, cursor_slot };
         self.writer.put(&upstream_key(&name), &record(&up))?;
@@ -216,7 +217,7 @@ impl Store {
                 let g = self.writer.generation();
                 self.slots.retire(up.cursor_slot, g);
                 for p in up.peers.values() {
-                    self.slots.retire(p.slot, g);
+                    self.slots.retire(p.slot.index, g);
                 }
                 true
             }
@@ -358,7 +359,8 @@ fn record(up: &Upstream) -> Vec<u8> {
         .map(|(name, p)| PeerRecord {
             name: name.clone(),
             addr: p.addr,
-            slot: p.slot,
+            slot: p.slot.index,
+            incarnation: p.slot.incarnation.bits(),
             max_fails: p.params.max_fails,
             fail_timeout_ms: p.params.fail_timeout_ms,
             available: p.params.is_available(),
@@ -425,13 +427,25 @@ fn resolve(peer: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("'{peer}' resolves to no address"))
 }
 
+/// A state slot as handed out: which, and which hand-out of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Held {
+    index: u32,
+    incarnation: Incarnation,
+}
+
 /// State slots handed out by the master; a retired slot is reused only
-/// once every worker has moved past the generation that dropped it.
+/// once every worker has moved past the generation that dropped it. A
+/// request may hold a peer longer than that: each hand-out is a new
+/// incarnation of the slot, and a holder of an older one can no longer
+/// change the slot (see `elb_shm::states`).
 struct SlotPool {
     free: Vec<u32>,
     next: u32,
     limit: u32,
     retired: Vec<(u32, u64)>,
+    /// The last incarnation of each slot handed out so far, by index.
+    incarnations: Vec<Incarnation>,
 }
 
 impl SlotPool {
@@ -441,6 +455,7 @@ impl SlotPool {
             next: 0,
             limit: u32::try_from(limit).unwrap_or(u32::MAX),
             retired: Vec::new(),
+            incarnations: Vec::new(),
         }
     }
 
@@ -448,17 +463,24 @@ impl SlotPool {
         self.free.len() + (self.limit - self.next) as usize
     }
 
-    fn take(&mut self, region: &Region) -> Option<u32> {
-        let slot = self.free.pop().or_else(|| {
+    /// A free slot (the last retired one first), as its next incarnation,
+    /// every word of it reset to that incarnation.
+    fn take(&mut self, region: &Region) -> Option<Held> {
+        let index = self.free.pop().or_else(|| {
             (self.next < self.limit).then(|| {
                 self.next += 1;
+                self.incarnations.push(Incarnation::default());
                 self.next - 1
             })
         })?;
-        if let Some(s) = region.state_slot(slot as usize) {
-            s.clear();
+        let incarnation = self.incarnations.get_mut(index as usize).map(|i| {
+            *i = i.next();
+            *i
+        })?;
+        if let Some(s) = region.state_slot(index as usize) {
+            s.reset(incarnation);
         }
-        Some(slot)
+        Some(Held { index, incarnation })
     }
 
     /// `slot` is unused from the generation after `generation` on.
