@@ -2,12 +2,14 @@
 //! by name. Every change is validated whole, written to the region's
 //! configuration store and published in one generation, then the workers
 //! are woken. The admin API and the etcd watcher both change it through
-//! here, one at a time (the caller holds the store's mutex).
+//! here, one at a time (the caller holds the store's mutex), with peers
+//! already resolved ([`resolve_peers`], called before taking the mutex).
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
 use serde_json::Value;
@@ -50,12 +52,24 @@ pub struct Upstream {
 /// An upstream's peers: name as given, parameters.
 pub type PeerList = Vec<(String, PeerParams)>;
 
-/// Changes for [`Store::apply_changes`]: `None` removes the item.
+/// An upstream's peers resolved ([`resolve_peers`]): by name as given, the
+/// address and parameters.
+pub type ResolvedPeers = BTreeMap<String, (SocketAddr, PeerParams)>;
+
+/// How long [`resolve_peers`] waits for the system's resolver (its own
+/// timeouts, from `/etc/resolv.conf`, are 5 s per try by default): a peer
+/// whose name does not resolve within this time counts as not resolving,
+/// and the change that named it is refused.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Changes for [`Store::apply_changes`]: `None` removes the item. `P` is an
+/// upstream's peer list: as named in etcd ([`PeerList`]), or resolved
+/// ([`ResolvedPeers`]) for the store, which never waits for DNS.
 #[derive(Debug, Default)]
-pub struct Changes {
+pub struct Changes<P = ResolvedPeers> {
     pub domains: Vec<(String, Option<Value>)>,
     /// A whole peer list per upstream (an empty list removes it).
-    pub upstreams: Vec<(String, Option<PeerList>)>,
+    pub upstreams: Vec<(String, Option<P>)>,
 }
 
 /// What [`Store::apply_changes`] did.
@@ -129,24 +143,14 @@ impl Store {
         found
     }
 
-    /// Replaces the peer lists of the named upstreams; every address is
-    /// resolved and every parameter parsed before anything is applied.
+    /// Replaces the peer lists of the named upstreams (resolved by
+    /// [`resolve_peers`]); every name is checked before anything is applied.
     pub fn set_upstreams(
         &mut self,
-        ups: Vec<(String, Vec<(String, PeerParams)>)>,
+        resolved: Vec<(String, ResolvedPeers)>,
     ) -> Result<(), StoreError> {
-        let mut resolved = Vec::with_capacity(ups.len());
-        for (name, peers) in ups {
-            check_upstream_name(&name)?;
-            let mut list = BTreeMap::new();
-            for (peer_name, params) in peers {
-                let addr = resolve(&peer_name).map_err(|reason| StoreError::Upstream {
-                    upstream: name.clone(),
-                    reason,
-                })?;
-                list.insert(peer_name, (addr, params));
-            }
-            resolved.push((name, list));
+        for (name, _) in &resolved {
+            check_upstream_name(name)?;
         }
         let needed: usize = resolved
             .iter()
@@ -163,11 +167,7 @@ impl Store {
     }
 
     /// Writes one upstream's resolved peer list (not published yet).
-    fn install_upstream(
-        &mut self,
-        name: String,
-        list: BTreeMap<String, (SocketAddr, PeerParams)>,
-    ) -> Result<(), StoreError> {
+    fn install_upstream(&mut self, name: String, list: ResolvedPeers) -> Result<(), StoreError> {
         let old = self.upstreams.remove(&name);
         let cursor_slot = old
             .as_ref()
@@ -226,8 +226,8 @@ impl Store {
     }
 
     /// Applies changes from etcd: each item on its own, so that an invalid
-    /// one (a rule set that does not compile, a peer that does not resolve,
-    /// no room left) is refused alone while the others apply. An item equal
+    /// one (a rule set that does not compile, no room left) is refused
+    /// alone while the others apply. An item equal
     /// to what is in force already is skipped. Everything that changed is
     /// published in one generation; nothing is published when nothing
     /// changed.
@@ -269,8 +269,8 @@ impl Store {
                 }
             }
         }
-        for (name, peers) in changes.upstreams {
-            let Some(peers) = peers else {
+        for (name, list) in changes.upstreams {
+            let Some(list) = list else {
                 if self.upstreams.contains_key(&name) {
                     self.remove_upstream(&name);
                     out.changed += 1;
@@ -280,18 +280,6 @@ impl Store {
             if let Err(e) = check_upstream_name(&name) {
                 out.errors.push(e);
                 continue;
-            }
-            let mut list = BTreeMap::new();
-            for (peer_name, params) in peers {
-                match resolve(&peer_name) {
-                    Ok(addr) => {
-                        list.insert(peer_name, (addr, params));
-                    }
-                    Err(reason) => out.errors.push(StoreError::Upstream {
-                        upstream: name.clone(),
-                        reason,
-                    }),
-                }
             }
             if self
                 .upstreams
@@ -341,7 +329,7 @@ impl Store {
 }
 
 /// Whether `up` has exactly these peers, addresses and parameters.
-fn same_peers(up: &Upstream, list: &BTreeMap<String, (SocketAddr, PeerParams)>) -> bool {
+fn same_peers(up: &Upstream, list: &ResolvedPeers) -> bool {
     up.peers.len() == list.len()
         && up
             .peers
@@ -416,15 +404,72 @@ fn check_upstream_name(n: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Resolves `host:port` now, as the original did when a peer was set.
-fn resolve(peer: &str) -> Result<SocketAddr, String> {
-    let (host, port) = split_host_port(peer).map_err(|e| e.to_string())?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve '{peer}': {e}"))?
-        .next()
-        .ok_or_else(|| format!("'{peer}' resolves to no address"))
+/// Whether every peer is an `ip:port` (resolving them waits for nothing).
+pub fn all_addresses(peers: &PeerList) -> bool {
+    peers.iter().all(|(peer, _)| {
+        split_host_port(peer).is_ok_and(|(host, _)| host.parse::<IpAddr>().is_ok())
+    })
+}
+
+/// Resolves every peer of `upstream` now, as the original did when a peer
+/// was set. Call it without the store's lock: a host name waits for the
+/// system's resolver, on a helper thread, up to [`RESOLVE_TIMEOUT`] (the
+/// thread is left to finish alone after that). Fails, naming the peer, when
+/// any does not resolve: the caller keeps the upstream's old list.
+pub fn resolve_peers(upstream: &str, peers: PeerList) -> Result<ResolvedPeers, StoreError> {
+    let failed = |reason: String| StoreError::Upstream {
+        upstream: upstream.to_string(),
+        reason,
+    };
+    let mut out = ResolvedPeers::new();
+    let mut named = Vec::new();
+    for (peer, params) in peers {
+        let (host, port) = split_host_port(&peer).map_err(|e| failed(e.to_string()))?;
+        match host.parse::<IpAddr>() {
+            Ok(ip) => {
+                out.insert(peer, (SocketAddr::new(ip, port), params));
+            }
+            Err(_) => named.push((host.to_string(), port, peer, params)),
+        }
+    }
+    if named.is_empty() {
+        return Ok(out);
+    }
+    let deadline = Instant::now() + RESOLVE_TIMEOUT;
+    let pending: Vec<String> = named.iter().map(|(_, _, peer, _)| peer.clone()).collect();
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("elb-resolve".into())
+        .spawn(move || {
+            for (host, port, peer, params) in named {
+                let addr = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map_err(|e| format!("cannot resolve '{peer}': {e}"))
+                    .and_then(|mut a| {
+                        a.next()
+                            .ok_or_else(|| format!("'{peer}' resolves to no address"))
+                    });
+                // Gone: the caller gave up waiting.
+                if tx.send((peer, addr, params)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| failed(format!("cannot start a resolver thread: {e}")))?;
+    for waiting in pending {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((peer, Ok(addr), params)) => {
+                out.insert(peer, (addr, params));
+            }
+            Ok((_, Err(reason), _)) => return Err(failed(reason)),
+            Err(_) => {
+                return Err(failed(format!(
+                    "'{waiting}' did not resolve within {RESOLVE_TIMEOUT:?}"
+                )));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A state slot as handed out: which, and which hand-out of it.
