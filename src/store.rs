@@ -2,18 +2,21 @@
 //! by name. Every change is validated whole, written to the region's
 //! configuration store and published in one generation, then the workers
 //! are woken. The admin API and the etcd watcher both change it through
-//! here, one at a time (the caller holds the store's mutex).
+//! here, one at a time (the caller holds the store's mutex), with peers
+//! already resolved ([`resolve_peers`], called before taking the mutex).
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
 use serde_json::Value;
 
 use elb_shm::Region;
 use elb_shm::config::{ConfigError, ConfigWriter};
+use elb_shm::states::Incarnation;
 use elb_workers::balance::smooth_wrr_schedule;
 use elb_workers::published::{PeerRecord, UpstreamRecord, domain_key, upstream_key};
 use elb_workers::rules::RuleSet;
@@ -36,7 +39,7 @@ pub enum StoreError {
 pub struct Peer {
     pub addr: SocketAddr,
     pub params: PeerParams,
-    slot: u32,
+    slot: Held,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -49,12 +52,24 @@ pub struct Upstream {
 /// An upstream's peers: name as given, parameters.
 pub type PeerList = Vec<(String, PeerParams)>;
 
-/// Changes for [`Store::apply_changes`]: `None` removes the item.
+/// An upstream's peers resolved ([`resolve_peers`]): by name as given, the
+/// address and parameters.
+pub type ResolvedPeers = BTreeMap<String, (SocketAddr, PeerParams)>;
+
+/// How long [`resolve_peers`] waits for the system's resolver (its own
+/// timeouts, from `/etc/resolv.conf`, are 5 s per try by default): a peer
+/// whose name does not resolve within this time counts as not resolving,
+/// and the change that named it is refused.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Changes for [`Store::apply_changes`]: `None` removes the item. `P` is an
+/// upstream's peer list: as named in etcd ([`PeerList`]), or resolved
+/// ([`ResolvedPeers`]) for the store, which never waits for DNS.
 #[derive(Debug, Default)]
-pub struct Changes {
+pub struct Changes<P = ResolvedPeers> {
     pub domains: Vec<(String, Option<Value>)>,
     /// A whole peer list per upstream (an empty list removes it).
-    pub upstreams: Vec<(String, Option<PeerList>)>,
+    pub upstreams: Vec<(String, Option<P>)>,
 }
 
 /// What [`Store::apply_changes`] did.
@@ -128,24 +143,14 @@ impl Store {
         found
     }
 
-    /// Replaces the peer lists of the named upstreams; every address is
-    /// resolved and every parameter parsed before anything is applied.
+    /// Replaces the peer lists of the named upstreams (resolved by
+    /// [`resolve_peers`]); every name is checked before anything is applied.
     pub fn set_upstreams(
         &mut self,
-        ups: Vec<(String, Vec<(String, PeerParams)>)>,
+        resolved: Vec<(String, ResolvedPeers)>,
     ) -> Result<(), StoreError> {
-        let mut resolved = Vec::with_capacity(ups.len());
-        for (name, peers) in ups {
-            check_upstream_name(&name)?;
-            let mut list = BTreeMap::new();
-            for (peer_name, params) in peers {
-                let addr = resolve(&peer_name).map_err(|reason| StoreError::Upstream {
-                    upstream: name.clone(),
-                    reason,
-                })?;
-                list.insert(peer_name, (addr, params));
-            }
-            resolved.push((name, list));
+        for (name, _) in &resolved {
+            check_upstream_name(name)?;
         }
         let needed: usize = resolved
             .iter()
@@ -162,16 +167,12 @@ impl Store {
     }
 
     /// Writes one upstream's resolved peer list (not published yet).
-    fn install_upstream(
-        &mut self,
-        name: String,
-        list: BTreeMap<String, (SocketAddr, PeerParams)>,
-    ) -> Result<(), StoreError> {
+    fn install_upstream(&mut self, name: String, list: ResolvedPeers) -> Result<(), StoreError> {
         let old = self.upstreams.remove(&name);
         let cursor_slot = old
             .as_ref()
             .map(|u| u.cursor_slot)
-            .or_else(|| self.slots.take(self.region))
+            .or_else(|| self.slots.take(self.region).map(|h| h.index))
             .ok_or(StoreError::NoStateSlot)?;
         let mut old_peers = old.map(|u| u.peers).unwrap_or_default();
         let mut peers = BTreeMap::new();
@@ -180,7 +181,7 @@ impl Store {
             let slot = match old_peers.remove(&peer_name) {
                 Some(p) if p.addr == addr => p.slot,
                 Some(p) => {
-                    self.slots.retire(p.slot, self.writer.generation());
+                    self.slots.retire(p.slot.index, self.writer.generation());
                     self.slots
                         .take(self.region)
                         .ok_or(StoreError::NoStateSlot)?
@@ -193,7 +194,7 @@ impl Store {
             peers.insert(peer_name, Peer { addr, params, slot });
         }
         for p in old_peers.values() {
-            self.slots.retire(p.slot, self.writer.generation());
+            self.slots.retire(p.slot.index, self.writer.generation());
         }
         let up = Upstream { peers, cursor_slot };
         self.writer.put(&upstream_key(&name), &record(&up))?;
@@ -216,7 +217,7 @@ impl Store {
                 let g = self.writer.generation();
                 self.slots.retire(up.cursor_slot, g);
                 for p in up.peers.values() {
-                    self.slots.retire(p.slot, g);
+                    self.slots.retire(p.slot.index, g);
                 }
                 true
             }
@@ -225,8 +226,8 @@ impl Store {
     }
 
     /// Applies changes from etcd: each item on its own, so that an invalid
-    /// one (a rule set that does not compile, a peer that does not resolve,
-    /// no room left) is refused alone while the others apply. An item equal
+    /// one (a rule set that does not compile, no room left) is refused
+    /// alone while the others apply. An item equal
     /// to what is in force already is skipped. Everything that changed is
     /// published in one generation; nothing is published when nothing
     /// changed.
@@ -268,8 +269,8 @@ impl Store {
                 }
             }
         }
-        for (name, peers) in changes.upstreams {
-            let Some(peers) = peers else {
+        for (name, list) in changes.upstreams {
+            let Some(list) = list else {
                 if self.upstreams.contains_key(&name) {
                     self.remove_upstream(&name);
                     out.changed += 1;
@@ -279,18 +280,6 @@ impl Store {
             if let Err(e) = check_upstream_name(&name) {
                 out.errors.push(e);
                 continue;
-            }
-            let mut list = BTreeMap::new();
-            for (peer_name, params) in peers {
-                match resolve(&peer_name) {
-                    Ok(addr) => {
-                        list.insert(peer_name, (addr, params));
-                    }
-                    Err(reason) => out.errors.push(StoreError::Upstream {
-                        upstream: name.clone(),
-                        reason,
-                    }),
-                }
             }
             if self
                 .upstreams
@@ -340,7 +329,7 @@ impl Store {
 }
 
 /// Whether `up` has exactly these peers, addresses and parameters.
-fn same_peers(up: &Upstream, list: &BTreeMap<String, (SocketAddr, PeerParams)>) -> bool {
+fn same_peers(up: &Upstream, list: &ResolvedPeers) -> bool {
     up.peers.len() == list.len()
         && up
             .peers
@@ -358,7 +347,8 @@ fn record(up: &Upstream) -> Vec<u8> {
         .map(|(name, p)| PeerRecord {
             name: name.clone(),
             addr: p.addr,
-            slot: p.slot,
+            slot: p.slot.index,
+            incarnation: p.slot.incarnation.bits(),
             max_fails: p.params.max_fails,
             fail_timeout_ms: p.params.fail_timeout_ms,
             available: p.params.is_available(),
@@ -414,24 +404,93 @@ fn check_upstream_name(n: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Resolves `host:port` now, as the original did when a peer was set.
-fn resolve(peer: &str) -> Result<SocketAddr, String> {
-    let (host, port) = split_host_port(peer).map_err(|e| e.to_string())?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve '{peer}': {e}"))?
-        .next()
-        .ok_or_else(|| format!("'{peer}' resolves to no address"))
+/// Whether every peer is an `ip:port` (resolving them waits for nothing).
+pub fn all_addresses(peers: &PeerList) -> bool {
+    peers.iter().all(|(peer, _)| {
+        split_host_port(peer).is_ok_and(|(host, _)| host.parse::<IpAddr>().is_ok())
+    })
+}
+
+/// Resolves every peer of `upstream` now, as the original did when a peer
+/// was set. Call it without the store's lock: a host name waits for the
+/// system's resolver, on a helper thread, up to [`RESOLVE_TIMEOUT`] (the
+/// thread is left to finish alone after that). Fails, naming the peer, when
+/// any does not resolve: the caller keeps the upstream's old list.
+pub fn resolve_peers(upstream: &str, peers: PeerList) -> Result<ResolvedPeers, StoreError> {
+    let failed = |reason: String| StoreError::Upstream {
+        upstream: upstream.to_string(),
+        reason,
+    };
+    let mut out = ResolvedPeers::new();
+    let mut named = Vec::new();
+    for (peer, params) in peers {
+        let (host, port) = split_host_port(&peer).map_err(|e| failed(e.to_string()))?;
+        match host.parse::<IpAddr>() {
+            Ok(ip) => {
+                out.insert(peer, (SocketAddr::new(ip, port), params));
+            }
+            Err(_) => named.push((host.to_string(), port, peer, params)),
+        }
+    }
+    if named.is_empty() {
+        return Ok(out);
+    }
+    let deadline = Instant::now() + RESOLVE_TIMEOUT;
+    let pending: Vec<String> = named.iter().map(|(_, _, peer, _)| peer.clone()).collect();
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("elb-resolve".into())
+        .spawn(move || {
+            for (host, port, peer, params) in named {
+                let addr = (host.as_str(), port)
+                    .to_socket_addrs()
+                    .map_err(|e| format!("cannot resolve '{peer}': {e}"))
+                    .and_then(|mut a| {
+                        a.next()
+                            .ok_or_else(|| format!("'{peer}' resolves to no address"))
+                    });
+                // Gone: the caller gave up waiting.
+                if tx.send((peer, addr, params)).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| failed(format!("cannot start a resolver thread: {e}")))?;
+    for waiting in pending {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((peer, Ok(addr), params)) => {
+                out.insert(peer, (addr, params));
+            }
+            Ok((_, Err(reason), _)) => return Err(failed(reason)),
+            Err(_) => {
+                return Err(failed(format!(
+                    "'{waiting}' did not resolve within {RESOLVE_TIMEOUT:?}"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A state slot as handed out: which, and which hand-out of it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Held {
+    index: u32,
+    incarnation: Incarnation,
 }
 
 /// State slots handed out by the master; a retired slot is reused only
-/// once every worker has moved past the generation that dropped it.
+/// once every worker has moved past the generation that dropped it. A
+/// request may hold a peer longer than that: each hand-out is a new
+/// incarnation of the slot, and a holder of an older one can no longer
+/// change the slot (see `elb_shm::states`).
 struct SlotPool {
     free: Vec<u32>,
     next: u32,
     limit: u32,
     retired: Vec<(u32, u64)>,
+    /// The last incarnation of each slot handed out so far, by index.
+    incarnations: Vec<Incarnation>,
 }
 
 impl SlotPool {
@@ -441,6 +500,7 @@ impl SlotPool {
             next: 0,
             limit: u32::try_from(limit).unwrap_or(u32::MAX),
             retired: Vec::new(),
+            incarnations: Vec::new(),
         }
     }
 
@@ -448,17 +508,24 @@ impl SlotPool {
         self.free.len() + (self.limit - self.next) as usize
     }
 
-    fn take(&mut self, region: &Region) -> Option<u32> {
-        let slot = self.free.pop().or_else(|| {
+    /// A free slot (the last retired one first), as its next incarnation,
+    /// every word of it reset to that incarnation.
+    fn take(&mut self, region: &Region) -> Option<Held> {
+        let index = self.free.pop().or_else(|| {
             (self.next < self.limit).then(|| {
                 self.next += 1;
+                self.incarnations.push(Incarnation::default());
                 self.next - 1
             })
         })?;
-        if let Some(s) = region.state_slot(slot as usize) {
-            s.clear();
+        let incarnation = self.incarnations.get_mut(index as usize).map(|i| {
+            *i = i.next();
+            *i
+        })?;
+        if let Some(s) = region.state_slot(index as usize) {
+            s.reset(incarnation);
         }
-        Some(slot)
+        Some(Held { index, incarnation })
     }
 
     /// `slot` is unused from the generation after `generation` on.

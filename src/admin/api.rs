@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 
 use elb_workers::upstream::parse_peer_value;
 
-use crate::store::Store;
+use crate::store::{Store, resolve_peers};
 
 /// How long a dump may take before the API answers 503.
 const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,8 +48,12 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
             Err(e) => error(e.status(), e.to_string()),
         };
     }
+    if let (Resource::Upstream, b"PUT") = (&resource, method) {
+        // Resolves peers before it takes the store's lock.
+        return put_upstreams(store, body);
+    }
     let Ok(mut store) = store.lock() else {
-        return error(500, "the configuration store is unavailable");
+        return unavailable();
     };
     match (resource, method) {
         (Resource::Domain, b"GET") => Answer {
@@ -71,7 +75,6 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
             Err(e) => e,
         },
         (Resource::Upstream, b"GET") => get_upstreams(&store),
-        (Resource::Upstream, b"PUT") => put_upstreams(&mut store, body),
         (Resource::Upstream, b"DELETE") => match names(body) {
             Ok(names) => {
                 let found = store.delete_upstreams(&names);
@@ -129,7 +132,11 @@ fn put_domains(store: &mut Store, body: &[u8]) -> Answer {
     }
 }
 
-fn put_upstreams(store: &mut Store, body: &[u8]) -> Answer {
+fn unavailable() -> Answer {
+    error(500, "the configuration store is unavailable")
+}
+
+fn put_upstreams(store: &Mutex<Store>, body: &[u8]) -> Answer {
     let ups = match parse_json(body) {
         Ok(Value::Object(m)) => m,
         Ok(_) => {
@@ -168,8 +175,15 @@ fn put_upstreams(store: &mut Store, body: &[u8]) -> Answer {
                 Err(e) => return error(400, format!("upstream '{name}', peer '{addr}': {e}")),
             }
         }
-        parsed.push((name, list));
+        // A slow resolver holds up this request only, not the store.
+        match resolve_peers(&name, list) {
+            Ok(resolved) => parsed.push((name, resolved)),
+            Err(e) => return error(400, e.to_string()),
+        }
     }
+    let Ok(mut store) = store.lock() else {
+        return unavailable();
+    };
     match store.set_upstreams(parsed) {
         Ok(()) => ok(),
         Err(e) => error(400, e.to_string()),

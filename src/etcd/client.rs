@@ -8,11 +8,12 @@ use etcd_client::{
     Client, ConnectOptions, GetOptions, KvClient, Txn, TxnOp, WatchOptions, WatchResponse,
 };
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use super::keys::{Layout, prefix_end};
-use super::view::{Event, Kv, Op, Outcome, View, desired, plan_dump};
+use super::view::{Event, Kv, Op, Outcome, Skipped, View, desired, plan_dump};
 use super::{DumpError, DumpReport, DumpRequest};
-use crate::store::{Store, StoreError};
+use crate::store::{Changes, ResolvedPeers, Store, StoreError, all_addresses, resolve_peers};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Per unary request (a page of a load, a dump's txn).
@@ -154,6 +155,16 @@ struct Task {
     /// The revision the view is at (0 before the first load).
     revision: i64,
     backoff: Backoff,
+    /// Peer lists waiting for DNS, each resolved on a blocking thread so
+    /// that the watch, and the store's lock, never wait for a resolver:
+    /// (upstream, change number, result).
+    resolving: JoinSet<(String, u64, Result<ResolvedPeers, StoreError>)>,
+    /// The number of the latest change of each upstream waiting for DNS;
+    /// any later change of the upstream removes it, so a late answer never
+    /// overrides what came after it.
+    latest: HashMap<String, u64>,
+    /// Numbers every upstream change, for `latest`.
+    changes_seen: u64,
 }
 
 pub(super) async fn run(
@@ -196,6 +207,9 @@ pub(super) async fn run(
         last_error: "not connected yet".into(),
         revision: 0,
         backoff,
+        resolving: JoinSet::new(),
+        latest: HashMap::new(),
+        changes_seen: 0,
     };
     task.run().await;
 }
@@ -246,6 +260,9 @@ impl Task {
         loop {
             tokio::select! {
                 () = &mut sleep => return,
+                Some(done) = self.resolving.join_next(), if !self.resolving.is_empty() => {
+                    self.resolved(done);
+                }
                 Some(req) = self.requests.recv() => {
                     let _ = req
                         .reply
@@ -361,8 +378,78 @@ impl Task {
     }
 
     /// Hands the view's changes to the store; logs what was skipped (the
-    /// first [`LOG_LIMIT`] of one batch, then a count).
+    /// first [`LOG_LIMIT`] of one batch, then a count). Peer lists that name
+    /// a host wait for DNS apart ([`Self::resolved`]), so that the rest of
+    /// the batch, and later batches, apply at once.
     fn apply(&mut self, outcome: Outcome) {
+        let mut now = Changes {
+            domains: outcome.changes.domains,
+            upstreams: Vec::new(),
+        };
+        let mut errors = Vec::new();
+        for (name, peers) in outcome.changes.upstreams {
+            self.changes_seen += 1;
+            match peers {
+                Some(peers) if !all_addresses(&peers) => {
+                    self.latest.insert(name.clone(), self.changes_seen);
+                    let n = self.changes_seen;
+                    self.resolving.spawn_blocking(move || {
+                        let r = resolve_peers(&name, peers);
+                        (name, n, r)
+                    });
+                }
+                peers => {
+                    self.latest.remove(&name);
+                    // Addresses only: resolving waits for nothing.
+                    match peers.map(|p| resolve_peers(&name, p)).transpose() {
+                        Ok(resolved) => now.upstreams.push((name, resolved)),
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
+        }
+        self.apply_resolved(&outcome.skipped, now, errors);
+    }
+
+    /// A peer list has resolved, or not: applies it unless a later change
+    /// of its upstream came meanwhile; when it did not resolve, the
+    /// upstream keeps the peers it had.
+    fn resolved(
+        &mut self,
+        done: Result<(String, u64, Result<ResolvedPeers, StoreError>), tokio::task::JoinError>,
+    ) {
+        let (name, n, result) = match done {
+            Ok(d) => d,
+            Err(e) => {
+                log::error!("etcd: a peer resolution did not finish: {e}");
+                return;
+            }
+        };
+        if self.latest.get(&name) != Some(&n) {
+            return;
+        }
+        self.latest.remove(&name);
+        let (changes, errors) = match result {
+            Ok(peers) => (
+                Changes {
+                    domains: Vec::new(),
+                    upstreams: vec![(name, Some(peers))],
+                },
+                Vec::new(),
+            ),
+            Err(e) => (Changes::default(), vec![e]),
+        };
+        self.apply_resolved(&[], changes, errors);
+    }
+
+    /// Applies resolved changes in one store call, and logs what was
+    /// skipped or refused.
+    fn apply_resolved(
+        &mut self,
+        skipped: &[Skipped],
+        changes: Changes,
+        mut errors: Vec<StoreError>,
+    ) {
         let mut refused = 0usize;
         let mut note = |line: std::fmt::Arguments<'_>| {
             refused += 1;
@@ -370,28 +457,29 @@ impl Task {
                 log::warn!("etcd: {line}");
             }
         };
-        for s in &outcome.skipped {
+        for s in skipped {
             note(format_args!("skipping {}: {}", s.key, s.error));
         }
-        let c = &outcome.changes;
-        if !c.domains.is_empty() || !c.upstreams.is_empty() {
+        if !changes.domains.is_empty() || !changes.upstreams.is_empty() {
             let applied = self
                 .store
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .apply_changes(outcome.changes);
-            let layout = self.view.layout();
-            for e in applied.errors {
-                match e {
-                    StoreError::Domain { domain, reason } => note(format_args!(
-                        "skipping {}: {reason}",
-                        layout.domain_key(&domain)
-                    )),
-                    StoreError::Upstream { upstream, reason } => note(format_args!(
-                        "skipping a peer of upstream {upstream}: {reason}"
-                    )),
-                    other => note(format_args!("cannot apply a change: {other}")),
+                .apply_changes(changes);
+            errors.extend(applied.errors);
+        }
+        let layout = self.view.layout();
+        for e in errors {
+            match e {
+                StoreError::Domain { domain, reason } => note(format_args!(
+                    "skipping {}: {reason}",
+                    layout.domain_key(&domain)
+                )),
+                // The upstream keeps the peers it had.
+                StoreError::Upstream { upstream, reason } => {
+                    note(format_args!("upstream {upstream} left unchanged: {reason}"))
                 }
+                other => note(format_args!("cannot apply a change: {other}")),
             }
         }
         if refused > LOG_LIMIT {
@@ -445,6 +533,9 @@ impl Task {
                     if let Some(end) = self.on_response(resp) {
                         return end;
                     }
+                }
+                Some(done) = self.resolving.join_next(), if !self.resolving.is_empty() => {
+                    self.resolved(done);
                 }
                 Some(req) = self.requests.recv() => {
                     self.dump(req).await;

@@ -11,7 +11,10 @@
 //! * Load: every key under the prefixes, paged, at one revision.
 //! * Watch: from that revision + 1, one stream carrying a watch per prefix;
 //!   the events of one response are applied in one store call, published
-//!   at once.
+//!   at once; except a peer list naming a host, which is resolved on a
+//!   blocking thread (up to `store::RESOLVE_TIMEOUT`) and applied when it
+//!   resolves, unless a later change of its upstream came meanwhile. The
+//!   watch and the store's lock never wait for DNS.
 //! * On a compaction ahead of the watch, a lost stream, or a revision that
 //!   went back (etcd wiped or restored): load everything again and apply
 //!   only the difference from the view, then watch again.

@@ -1,7 +1,8 @@
 //! The master's copy of what etcd holds under the watched prefixes: every
 //! key's raw value and revision, and every upstream's peers by layout. It
-//! turns watch events, and a full reload, into [`Changes`] for the store,
-//! and plans the writes of a dump.
+//! turns watch events, and a full reload, into [`Changes`] for the store
+//! (peers as named: the client resolves them), and plans the writes of a
+//! dump.
 //!
 //! Events are applied by revision: an event older than what the view holds
 //! for its key is dropped. That makes a watch that replays what a reload
@@ -12,10 +13,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde_json::Value;
 
-use elb_workers::upstream::PeerParams;
+use elb_workers::upstream::{PeerParams, split_host_port};
 
 use super::keys::{KeyKind, Layout, Source, ValueError, parse_peer, parse_rules};
-use crate::store::Changes;
+use crate::store::{Changes, PeerList};
 
 /// A key and its value at a revision, as read from etcd.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,7 +43,7 @@ pub struct Skipped {
 /// What applying events produced.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    pub changes: Changes,
+    pub changes: Changes<PeerList>,
     pub skipped: Vec<Skipped>,
     /// Keys whose value changed in the view.
     pub keys_changed: usize,
@@ -221,7 +222,10 @@ impl View {
                 source,
                 upstream,
                 peer,
-            } => match parse_peer(value) {
+            } => match split_host_port(peer)
+                .map_err(ValueError::from)
+                .and_then(|_| parse_peer(value))
+            {
                 Ok(p) => {
                     self.peers
                         .entry(upstream.to_string())
@@ -229,7 +233,8 @@ impl View {
                         .insert((peer.to_string(), source), p);
                     batch.upstreams.insert(upstream.to_string());
                 }
-                // The peer's parameters in force (if any) stay.
+                // The peer's parameters in force (if any) stay; a peer
+                // that is not `host:port` is never in.
                 Err(e) => skip(batch, e),
             },
             KeyKind::Unknown => log::debug!(
@@ -263,7 +268,7 @@ impl View {
 
 /// One upstream's peers from both layouts; on a name in both, the
 /// `/$NAME/upstreams/` one (sorted last) wins.
-fn merge(peers: &PeerMap) -> Vec<(String, PeerParams)> {
+fn merge(peers: &PeerMap) -> PeerList {
     let mut out: BTreeMap<&str, &PeerParams> = BTreeMap::new();
     for ((name, _), p) in peers {
         out.insert(name, p);

@@ -2,10 +2,14 @@
 //! state slot: `max_fails` failures within `fail_timeout` take the peer out
 //! for `fail_timeout`. Plain atomic operations only: two workers failing at
 //! once may both count, which errs on the side of taking a bad peer out.
+//!
+//! Every word is read and written as the incarnation of the slot that the
+//! request's peer record names ([`HealthSlot`]): a request still held by a
+//! peer that has since been removed, its slot handed to another peer, finds
+//! its incarnation gone and changes nothing.
 
-use std::sync::atomic::Ordering;
-
-use elb_shm::states::StateSlot;
+use elb_shm::Region;
+use elb_shm::states::{Incarnation, TaggedWord};
 
 const FAILS: usize = 0;
 const WINDOW_START: usize = 1;
@@ -18,13 +22,44 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn is_out(slot: &StateSlot<'_>, now: u64) -> bool {
-    now < slot.word(OUT_UNTIL).load(Ordering::Relaxed)
+/// Where a peer's health lives: its state slot and the incarnation of the
+/// slot the peer was published with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HealthSlot {
+    pub index: u32,
+    pub incarnation: u32,
 }
 
-/// Counts a failure; returns true when it took the peer out.
+impl HealthSlot {
+    /// The words, or `None` when the slot lies outside the region.
+    pub fn in_region(self, region: &Region) -> Option<PeerHealth<'_>> {
+        let slot = region.state_slot(self.index as usize)?;
+        let inc = Incarnation::from_bits(self.incarnation);
+        Some(PeerHealth {
+            fails: slot.tagged(FAILS, inc),
+            window_start: slot.tagged(WINDOW_START, inc),
+            out_until: slot.tagged(OUT_UNTIL, inc),
+        })
+    }
+}
+
+/// A peer's health words, as one incarnation of its slot sees them.
+pub(crate) struct PeerHealth<'r> {
+    fails: TaggedWord<'r>,
+    window_start: TaggedWord<'r>,
+    out_until: TaggedWord<'r>,
+}
+
+/// One load. A slot that now belongs to another incarnation is not out
+/// (pick-time callers hold the current incarnation anyway).
+pub(crate) fn is_out(h: &PeerHealth<'_>, now: u64) -> bool {
+    h.out_until.load().is_some_and(|until| now < until)
+}
+
+/// Counts a failure; returns true when it took the peer out. Nothing is
+/// written once the slot belongs to another incarnation.
 pub(crate) fn record_failure(
-    slot: &StateSlot<'_>,
+    h: &PeerHealth<'_>,
     now: u64,
     max_fails: u32,
     fail_timeout_ms: u64,
@@ -32,29 +67,32 @@ pub(crate) fn record_failure(
     if max_fails == 0 {
         return false;
     }
-    let start = slot.word(WINDOW_START).load(Ordering::Relaxed);
+    let Some(start) = h.window_start.load() else {
+        return false;
+    };
     let fails = if now.saturating_sub(start) >= fail_timeout_ms || start == 0 {
-        slot.word(WINDOW_START).store(now.max(1), Ordering::Relaxed);
-        slot.word(FAILS).store(1, Ordering::Relaxed);
+        if !h.window_start.store(now.max(1)) || !h.fails.store(1) {
+            return false;
+        }
         1
     } else {
-        slot.word(FAILS).fetch_add(1, Ordering::Relaxed) + 1
+        match h.fails.update(|f| f + 1) {
+            Some(f) => f,
+            None => return false,
+        }
     };
-    if fails >= u64::from(max_fails) {
-        slot.word(OUT_UNTIL)
-            .store(now + fail_timeout_ms, Ordering::Relaxed);
-        slot.word(FAILS).store(0, Ordering::Relaxed);
-        slot.word(WINDOW_START).store(0, Ordering::Relaxed);
+    if fails >= u64::from(max_fails) && h.out_until.store(now + fail_timeout_ms) {
+        h.fails.store(0);
+        h.window_start.store(0);
         return true;
     }
     false
 }
 
 /// A success forgets earlier failures (one load when there were none).
-pub(crate) fn record_success(slot: &StateSlot<'_>) {
-    if slot.word(FAILS).load(Ordering::Relaxed) != 0 {
-        slot.word(FAILS).store(0, Ordering::Relaxed);
-        slot.word(WINDOW_START).store(0, Ordering::Relaxed);
+pub(crate) fn record_success(h: &PeerHealth<'_>) {
+    if h.fails.load().is_some_and(|f| f != 0) && h.fails.store(0) {
+        h.window_start.store(0);
     }
 }
 
@@ -62,10 +100,16 @@ pub(crate) fn record_success(slot: &StateSlot<'_>) {
 mod tests {
     use super::*;
 
+    fn health(region: &Region, index: u32, incarnation: u32) -> PeerHealth<'_> {
+        HealthSlot { index, incarnation }
+            .in_region(region)
+            .expect("slot")
+    }
+
     #[test]
     fn max_fails_within_the_window_take_a_peer_out_for_fail_timeout() {
-        let region = elb_shm::Region::create(1 << 20).expect("region");
-        let slot = region.state_slot(3).expect("slot");
+        let region = Region::create(1 << 20).expect("region");
+        let slot = health(&region, 3, 0);
         let t = 1_000_000;
         assert!(!record_failure(&slot, t, 2, 10_000));
         assert!(!is_out(&slot, t));
@@ -78,8 +122,34 @@ mod tests {
         record_success(&slot);
         assert!(!record_failure(&slot, t + 31_001, 2, 10_000));
         // max_fails = 0: never out.
-        let other = region.state_slot(4).expect("slot");
+        let other = health(&region, 4, 0);
         assert!(!record_failure(&other, t, 0, 10_000));
         assert!(!is_out(&other, t));
+    }
+
+    #[test]
+    fn a_holder_of_an_earlier_incarnation_changes_nothing() {
+        let region = Region::create(1 << 20).expect("region");
+        let state = region.state_slot(5).expect("slot");
+        let t = 1_000_000;
+        state.reset(Incarnation::from_bits(1));
+        let stale = health(&region, 5, 1);
+        assert!(!record_failure(&stale, t, 2, 10_000), "one of two");
+        // The slot goes to another peer; the old holder fails again.
+        state.reset(Incarnation::from_bits(2));
+        let owner = health(&region, 5, 2);
+        assert!(!record_failure(&stale, t + 1, 1, 10_000));
+        assert!(!is_out(&owner, t + 2));
+        assert!(!is_out(&stale, t + 2));
+        record_success(&stale);
+        // The owner's own count starts from nothing: one of two is not out.
+        assert!(!record_failure(&owner, t + 3, 2, 10_000));
+        assert!(!is_out(&owner, t + 4));
+        assert!(record_failure(&owner, t + 5, 2, 10_000));
+        assert!(is_out(&owner, t + 6));
+        // A stale success does not forget the owner's failures either.
+        assert!(!record_failure(&owner, t + 20_000, 2, 10_000));
+        record_success(&stale);
+        assert!(record_failure(&owner, t + 20_001, 2, 10_000));
     }
 }

@@ -39,7 +39,11 @@ pub fn parse_key(key: &[u8]) -> Option<Key<'_>> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpstreamRecord {
     /// State slot holding the shared round-robin cursor (word 0) and the
-    /// backup cursor (word 1).
+    /// backup cursor (word 1). Plain counters, without an incarnation: a
+    /// worker moves them only while it picks, with the configuration it
+    /// applied last, which still names this slot for this upstream (the
+    /// master reuses a slot only after every worker applied a later
+    /// generation); no request uses them afterwards.
     pub cursor_slot: u32,
     pub peers: Vec<PeerRecord>,
     /// Indices into `peers`: one period of smooth WRR over primary peers.
@@ -53,8 +57,12 @@ pub struct PeerRecord {
     /// The address as given (`localhost:8088`).
     pub name: String,
     pub addr: SocketAddr,
-    /// State slot of this peer (passive-health words).
+    /// State slot of this peer (passive-health words) ...
     pub slot: u32,
+    /// ... and the incarnation of that slot this peer owns: a request keeps
+    /// both for its whole exchange, and outlives the peer's ownership when
+    /// the peer is removed meanwhile.
+    pub incarnation: u32,
     pub max_fails: u32,
     pub fail_timeout_ms: u64,
     /// False for `down` peers and a `status` other than "up".

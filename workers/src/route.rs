@@ -11,8 +11,9 @@ use elb_shm::Region;
 
 use crate::access::Access;
 use crate::balance;
+use crate::health::{HealthSlot, PeerHealth};
 use crate::http::{self, RequestHead};
-use crate::published::UpstreamRecord;
+use crate::published::{PeerRecord, UpstreamRecord};
 use crate::rules::{Decision, Scratch};
 use crate::view::View;
 
@@ -95,7 +96,7 @@ impl Router {
                         Ok(addr) => Routed::Peer {
                             peer: Picked {
                                 addr,
-                                slot: None,
+                                health: None,
                                 max_fails: 0,
                                 fail_timeout_ms: 0,
                             },
@@ -120,10 +121,18 @@ impl Router {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Picked {
     pub addr: SocketAddr,
-    /// State slot (none for a direct `host:port`).
-    pub slot: Option<u32>,
+    /// Passive-health state (none for a direct `host:port`).
+    pub health: Option<HealthSlot>,
     pub max_fails: u32,
     pub fail_timeout_ms: u64,
+}
+
+impl Picked {
+    /// The peer's health words, as the incarnation it was picked with sees
+    /// them.
+    pub fn health<'r>(&self, region: &'r Region) -> Option<PeerHealth<'r>> {
+        self.health.and_then(|h| h.in_region(region))
+    }
 }
 
 /// Smooth WRR over the primary peers, then the backups, with the cursors
@@ -140,27 +149,27 @@ pub(crate) fn pick(
         up.peers.get(i).is_some_and(|p| {
             p.available
                 && !exclude.contains(&p.addr)
-                && region
-                    .state_slot(p.slot as usize)
-                    .is_none_or(|s| !crate::health::is_out(&s, now_ms))
+                && health_slot(p)
+                    .in_region(region)
+                    .is_none_or(|h| !crate::health::is_out(&h, now_ms))
         })
     };
     let chosen = balance::pick(
         &up.schedule,
-        || cursor.word(0).fetch_add(1, Ordering::Relaxed),
+        || cursor.counter(0).fetch_add(1, Ordering::Relaxed),
         usable,
     )
     .or_else(|| {
         balance::pick(
             &up.backup_schedule,
-            || cursor.word(1).fetch_add(1, Ordering::Relaxed),
+            || cursor.counter(1).fetch_add(1, Ordering::Relaxed),
             usable,
         )
     })?;
     let peer = up.peers.get(chosen)?;
     Some(Picked {
         addr: peer.addr,
-        slot: Some(peer.slot),
+        health: Some(health_slot(peer)),
         max_fails: peer.max_fails,
         fail_timeout_ms: peer.fail_timeout_ms,
     })
@@ -173,6 +182,13 @@ pub(crate) fn is_admin(target: &[u8]) -> bool {
 
 fn is_admin_path(path: &[u8]) -> bool {
     path.starts_with(ADMIN_PREFIX) || path == &ADMIN_PREFIX[..ADMIN_PREFIX.len() - 1]
+}
+
+fn health_slot(p: &PeerRecord) -> HealthSlot {
+    HealthSlot {
+        index: p.slot,
+        incarnation: p.incarnation,
+    }
 }
 
 /// Path and query (with its `?`) of an origin-form or absolute-form target.

@@ -677,7 +677,7 @@ impl Session {
                     continue;
                 }
                 if let Some(p) = x.peer
-                    && let Some(slot) = p.slot.and_then(|s| cx.region.state_slot(s as usize))
+                    && let Some(slot) = p.health(cx.region)
                 {
                     if cx.args.retry.failure_statuses.contains(&head.status) {
                         health::record_failure(
@@ -823,7 +823,7 @@ impl Session {
         let now = health::now_ms();
         if failure != Failure::Status
             && let Some(p) = x.peer
-            && let Some(slot) = p.slot.and_then(|s| cx.region.state_slot(s as usize))
+            && let Some(slot) = p.health(cx.region)
         {
             health::record_failure(&slot, now, p.max_fails, p.fail_timeout_ms);
         }
