@@ -108,6 +108,7 @@ pub fn run(settings: Settings) -> i32 {
         store.clone(),
         access,
         settings.admin_limits,
+        settings.timeouts.client_header,
     ) {
         eprintln!("elb: {e}");
         let _ = std::fs::remove_dir_all(&private);

@@ -324,3 +324,41 @@ fn connections_over_max_connections_wait_until_one_ends() {
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert_eq!(get(&mut second, "the second connection").status, 200);
 }
+
+#[test]
+fn a_client_dribbling_its_head_cannot_hold_an_admin_connection_slot() {
+    let (elb, _dir) = outsiders_elb(Some(
+        "[admin_limits]\nmax_connections = 1\n[timeouts]\nclient_header = 1\n",
+    ));
+    let addr = elb.admin_addr();
+    // One byte of a head every 100 ms, for at most 30 s: each read succeeds,
+    // so only a deadline on the whole head lets the slot go.
+    let mut slow = std::net::TcpStream::connect(addr).expect("connect the slow client");
+    let dribbler = std::thread::spawn(move || {
+        let head = format!("GET {UPSTREAM} HTTP/1.1\r\nHost: localhost\r\nX-Pad: ");
+        let bytes = head.bytes().chain(std::iter::repeat(b'a'));
+        for b in bytes.take(300) {
+            if slow.write_all(&[b]).is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    });
+    let mut c = HttpConn::connect(addr, ANSWER_DEADLINE).expect("connect");
+    let r = c
+        .request(
+            "GET",
+            "localhost",
+            UPSTREAM,
+            &[("Authorization", "Bearer secret")],
+            b"",
+        )
+        .expect(
+            "with max_connections = 1, a client dribbling its head kept the only slot \
+             past client_header",
+        );
+    assert_eq!(r.status, 200, "{}", r.body_text());
+    let cut_off = dribbler.join().expect("dribbler");
+    assert!(cut_off, "the dribbling client was never disconnected");
+}

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use elb_workers::http::chunked::ChunkedTracker;
 use elb_workers::http::{self, BodyKind, RequestHead, parse_request};
@@ -22,6 +22,23 @@ use super::api;
 
 const MAX_HEAD: usize = 64 << 10;
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// After a failed accept (out of descriptors, say), the pause before the
+/// next: the connection stays in the backlog instead of the loop spinning.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+/// A body is read into memory that grows with it: a declared length is
+/// trusted for this much at most, so that 64 clients declaring the limit
+/// reserve nothing they do not send.
+const BODY_RESERVE: u64 = 1 << 20;
+
+/// What one admin connection may take.
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    max_body: u64,
+    /// The whole head must arrive within this, counted from when it is
+    /// awaited: a client dribbling a head cannot hold one of the
+    /// listener's `max_connections` slots for longer.
+    head_timeout: Duration,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {what}: {source}")]
@@ -39,10 +56,14 @@ pub fn serve(
     store: Arc<Mutex<Store>>,
     access: Access,
     limits: AdminLimits,
+    head_timeout: Duration,
 ) -> Result<(), AdminBindError> {
     let bind_err = |what: String| move |source| AdminBindError { what, source };
     let access = Arc::new(access);
-    let max_body = limits.max_body_size;
+    let conn = ConnLimits {
+        max_body: limits.max_body_size,
+        head_timeout,
+    };
     // One budget per listener: a flood on --admin cannot hold up the
     // requests workers forward, nor the other way round.
     let slots = || Arc::new(Slots::new(limits.max_connections));
@@ -51,21 +72,19 @@ pub fn serve(
             let l = TcpListener::bind(addr).map_err(bind_err(addr.to_string()))?;
             let (store, slots) = (store.clone(), slots());
             spawn("elb-admin", move || {
-                accept_tcp(l, &store, &access, &slots, max_body);
+                accept_tcp(l, &store, &access, &slots, conn);
             });
         }
         AdminAddr::Unix(path) => {
             let l = bind_unix(path).map_err(bind_err(format!("unix:{}", path.display())))?;
             let (store, slots) = (store.clone(), slots());
-            spawn("elb-admin", move || {
-                accept_unix(l, &store, &slots, max_body)
-            });
+            spawn("elb-admin", move || accept_unix(l, &store, &slots, conn));
         }
     }
     let l = bind_unix(private).map_err(bind_err(format!("unix:{}", private.display())))?;
     let slots = slots();
     spawn("elb-admin-fwd", move || {
-        accept_unix(l, &store, &slots, max_body)
+        accept_unix(l, &store, &slots, conn)
     });
     Ok(())
 }
@@ -137,12 +156,16 @@ fn accept_tcp(
     store: &Arc<Mutex<Store>>,
     access: &Arc<Access>,
     slots: &Arc<Slots>,
-    max_body: u64,
+    limits: ConnLimits,
 ) {
     loop {
         let slot = slots.take();
-        let Ok((stream, peer)) = l.accept() else {
-            continue;
+        let (stream, peer) = match l.accept() {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                accept_failed(&e);
+                continue;
+            }
         };
         let (store, access) = (store.clone(), access.clone());
         spawn("elb-admin-conn", move || {
@@ -150,23 +173,34 @@ fn accept_tcp(
                 ip: peer.ip(),
                 access: &access,
             };
-            serve_conn(stream, &store, &gate, max_body);
+            serve_conn(stream, &store, &gate, limits);
             drop(slot);
         });
     }
 }
 
-fn accept_unix(l: UnixListener, store: &Arc<Mutex<Store>>, slots: &Arc<Slots>, max_body: u64) {
+fn accept_unix(l: UnixListener, store: &Arc<Mutex<Store>>, slots: &Arc<Slots>, limits: ConnLimits) {
     loop {
         let slot = slots.take();
-        let Ok((stream, _)) = l.accept() else {
-            continue;
+        let stream = match l.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                accept_failed(&e);
+                continue;
+            }
         };
         let store = store.clone();
         spawn("elb-admin-conn", move || {
-            serve_conn(stream, &store, &Gate::Open, max_body);
+            serve_conn(stream, &store, &Gate::Open, limits);
             drop(slot);
         });
+    }
+}
+
+fn accept_failed(e: &io::Error) {
+    if e.kind() != io::ErrorKind::Interrupted {
+        log::warn!("admin accept: {e}");
+        std::thread::sleep(ACCEPT_RETRY);
     }
 }
 
@@ -197,31 +231,38 @@ impl Gate<'_> {
 }
 
 trait Conn: Read + Write {
-    fn set_timeouts(&self, d: Duration) -> io::Result<()>;
+    fn set_read_timeout(&self, d: Duration) -> io::Result<()>;
+    fn set_write_timeout(&self, d: Duration) -> io::Result<()>;
 }
 
 impl Conn for std::net::TcpStream {
-    fn set_timeouts(&self, d: Duration) -> io::Result<()> {
-        self.set_read_timeout(Some(d))?;
-        self.set_write_timeout(Some(d))
+    fn set_read_timeout(&self, d: Duration) -> io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, Some(d))
+    }
+    fn set_write_timeout(&self, d: Duration) -> io::Result<()> {
+        std::net::TcpStream::set_write_timeout(self, Some(d))
     }
 }
 
 impl Conn for std::os::unix::net::UnixStream {
-    fn set_timeouts(&self, d: Duration) -> io::Result<()> {
-        self.set_read_timeout(Some(d))?;
-        self.set_write_timeout(Some(d))
+    fn set_read_timeout(&self, d: Duration) -> io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, Some(d))
+    }
+    fn set_write_timeout(&self, d: Duration) -> io::Result<()> {
+        std::os::unix::net::UnixStream::set_write_timeout(self, Some(d))
     }
 }
 
 /// Serves requests on one connection until it closes or errs.
-fn serve_conn(mut stream: impl Conn, store: &Mutex<Store>, gate: &Gate<'_>, max_body: u64) {
-    if stream.set_timeouts(IO_TIMEOUT).is_err() {
+fn serve_conn(mut stream: impl Conn, store: &Mutex<Store>, gate: &Gate<'_>, limits: ConnLimits) {
+    if stream.set_write_timeout(IO_TIMEOUT).is_err() {
         return;
     }
+    let max_body = limits.max_body;
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut out = Vec::new();
     loop {
+        let head_deadline = Instant::now() + limits.head_timeout;
         let head = loop {
             match parse_request(&buf, MAX_HEAD) {
                 Ok(Some(h)) => break h,
@@ -232,10 +273,17 @@ fn serve_conn(mut stream: impl Conn, store: &Mutex<Store>, gate: &Gate<'_>, max_
                     return;
                 }
             }
+            let left = head_deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || stream.set_read_timeout(left).is_err() {
+                return;
+            }
             if !read_more(&mut stream, &mut buf) {
                 return;
             }
         };
+        if stream.set_read_timeout(IO_TIMEOUT).is_err() {
+            return;
+        }
         // SPEC 4: decided from the head alone, before any of the body is
         // read and without a 100 Continue; the unread body ends the
         // connection.
@@ -295,8 +343,8 @@ fn read_body(
     let mut framing = match head.body {
         BodyKind::None => return Ok(body),
         BodyKind::Length(n) => {
-            // `n <= max` was checked; the allocation is what was declared.
-            body.reserve_exact(usize::try_from(n).map_err(|_| BodyError::TooLarge)?);
+            // `n <= max` was checked; the rest is reserved as it comes.
+            body.reserve(usize::try_from(n.min(BODY_RESERVE)).map_err(|_| BodyError::TooLarge)?);
             Framing::Length(n)
         }
         BodyKind::Chunked => Framing::Chunked(ChunkedTracker::default()),
