@@ -458,7 +458,7 @@ fn ws_fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
 }
 
 fn ws_read(s: &mut TcpStream, buf: &mut Vec<u8>) -> common::peers::WsFrame {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + common::EVENTUALLY;
     loop {
         if let Some(f) = ws_parse(buf) {
             buf.drain(..f.len);
@@ -466,7 +466,8 @@ fn ws_read(s: &mut TcpStream, buf: &mut Vec<u8>) -> common::peers::WsFrame {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no complete WebSocket frame within 5 s; have {}",
+            "no complete WebSocket frame within {:?}; have {}",
+            common::EVENTUALLY,
             show(buf, 200)
         );
         assert!(
@@ -491,7 +492,7 @@ fn a_websocket_is_tunnelled_both_ways() {
     .expect("send the upgrade");
     let mut buf = Vec::new();
     // The head, then whatever came with it (the peer's greeting).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + common::EVENTUALLY;
     let head = loop {
         if let Some((head, rest)) = split_head(&buf) {
             let consumed = buf.len() - rest.len();
@@ -500,7 +501,8 @@ fn a_websocket_is_tunnelled_both_ways() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no 101 head within 5 s; got {}",
+            "no 101 head within {:?}; got {}",
+            common::EVENTUALLY,
             show(&buf, 300)
         );
         assert!(

@@ -258,7 +258,7 @@ fn workers_from(dir: &TempDir, env: Option<&str>, flag: Option<&str>, want: usiz
         b = b.arg("--workers").arg(n);
     }
     let elb = b.start();
-    let workers = elb.wait_workers(want, Duration::from_secs(5));
+    let workers = elb.wait_workers(want, common::EVENTUALLY);
     assert_eq!(elb.children(), workers, "children other than workers");
 }
 

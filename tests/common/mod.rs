@@ -25,6 +25,12 @@ pub const ELB: &str = env!("CARGO_BIN_EXE_elb");
 /// How long a started `elb` may take to answer its first request.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a test waits for something that must happen before it calls it
+/// not happening at all. Only a bound against waiting forever: a debug build
+/// on a loaded 2-core machine can be slow, and that must not fail a correct
+/// build. Tests print how long things took; they never assert it.
+pub const EVENTUALLY: Duration = Duration::from_secs(60);
+
 // --- waiting -------------------------------------------------------------
 
 /// Polls `cond` every 10 ms until it holds (true) or `timeout` has passed
@@ -1002,5 +1008,6 @@ pub fn connection_refused(addr: SocketAddr) -> bool {
 pub mod backend;
 pub mod etcd;
 pub mod python;
+pub mod scale;
 
 pub mod peers;
