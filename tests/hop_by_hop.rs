@@ -250,3 +250,24 @@ fn connection_cannot_take_away_a_requests_framing_or_host() {
         seen[0].headers
     );
 }
+
+#[test]
+fn an_interim_answer_never_reaches_an_http_1_0_client() {
+    let peer = Peer::start(
+        "raw",
+        Mode::Raw(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n\
+              HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ),
+    );
+    let proxy = proxy_to(&peer);
+    let mut s = TcpStream::connect_timeout(&proxy.addr(), TIMEOUT).expect("connect to elb");
+    s.write_all(format!("GET /early HTTP/1.0\r\nHost: {DOMAIN}\r\n\r\n").as_bytes())
+        .expect("send");
+    let got = read_until_close(&mut s, TIMEOUT)
+        .unwrap_or_else(|b| panic!("an HTTP/1.0 answer not closed; got {}", show(&b, 600)));
+    let (head, body) = crlf_head(&got);
+    assert_eq!(status_line(&head), "HTTP/1.1 200 OK", "{head:?}");
+    assert!(head_values(&head, "link").is_empty(), "{head:?}");
+    assert_eq!(body, b"ok");
+}

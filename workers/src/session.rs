@@ -668,8 +668,10 @@ impl Session {
                 progress = true;
                 if (100..200).contains(&head.status) && head.status != 101 {
                     // ELB answered 100 Continue itself; other interim
-                    // answers (103 Early Hints) go on.
-                    if head.status != 100 {
+                    // answers (103 Early Hints) go on, but never to an
+                    // HTTP/1.0 client (RFC 9110 15.2), which could take
+                    // one for the answer (`decode_chunked` marks 1.0).
+                    if head.status != 100 && !x.decode_chunked {
                         write_client_head(&mut self.out, &x.up_in, &head, None, false);
                     }
                     x.up_in.drain(..head.len);
