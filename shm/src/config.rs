@@ -45,9 +45,13 @@ use crate::seqlock::{self, Arena, Entry, pack, unpack};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("the configuration store is full ({0} bytes of records needed); raise --shm-size")]
+    #[error(
+        "out of arena space: the configuration arena cannot hold {0} more bytes of records; raise --shm-size"
+    )]
     ArenaFull(usize),
-    #[error("the configuration store holds its maximum of {0} keys; raise --shm-size")]
+    #[error(
+        "out of keys: the configuration directory holds its maximum of {0} keys; raise --shm-size"
+    )]
     DirectoryFull(usize),
     #[error("a key must be 1 to 65535 bytes")]
     BadKey,
@@ -176,32 +180,66 @@ impl<'r> ConfigWriter<'r> {
 
     /// Sets `key` to `value`; visible to readers at the next [`publish`](Self::publish).
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), ConfigError> {
-        if key.is_empty() || key.len() > usize::from(u16::MAX) {
-            return Err(ConfigError::BadKey);
-        }
-        let len = 4 + key.len() + value.len();
-        let len32 = u32::try_from(len).map_err(|_| ConfigError::ArenaFull(len))?;
-        let off = self.arena.alloc(len).ok_or(ConfigError::ArenaFull(len))?;
-        let entry = match self.keys.get(key) {
-            Some(&e) => e,
-            None => match self.take_entry() {
-                Some(e) => e,
+        self.put_all(&[(key, value)])
+    }
+
+    /// Sets every `(key, value)`, or, when the arena or the directory cannot
+    /// hold them all, changes nothing and says which ran out: every arena
+    /// range and directory entry is reserved before shared memory is touched.
+    /// Visible to readers at the next [`publish`](Self::publish).
+    pub fn put_all(&mut self, items: &[(&[u8], &[u8])]) -> Result<(), ConfigError> {
+        let mut offs = Vec::with_capacity(items.len());
+        let mut new_entries: HashMap<&[u8], usize> = HashMap::new();
+        let mut failed = None;
+        for (key, value) in items {
+            if key.is_empty() || key.len() > usize::from(u16::MAX) {
+                failed = Some(ConfigError::BadKey);
+                break;
+            }
+            let len = 4 + key.len() + value.len();
+            let Some(off) = u32::try_from(len).ok().and_then(|_| self.arena.alloc(len)) else {
+                let needed = items.iter().map(|(k, v)| 4 + k.len() + v.len()).sum();
+                failed = Some(ConfigError::ArenaFull(needed));
+                break;
+            };
+            offs.push((off, len));
+            if self.keys.contains_key(*key) || new_entries.contains_key(*key) {
+                continue;
+            }
+            match self.take_entry() {
+                Some(e) => {
+                    new_entries.insert(key, e);
+                }
                 None => {
-                    self.arena.free(off, len);
-                    return Err(ConfigError::DirectoryFull(
+                    failed = Some(ConfigError::DirectoryFull(
                         self.zones.region.layout().dir_count,
                     ));
+                    break;
                 }
-            },
-        };
-        let mut rec = Vec::with_capacity(len);
-        rec.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        rec.extend_from_slice(key);
-        rec.extend_from_slice(value);
-        seqlock::write_record(&self.zones.arena(), off, &rec);
-        self.keys.insert(key.to_vec(), entry);
-        self.commit(entry, pack(off as u32, len32));
-        self.entry_len[entry] = len32;
+            }
+        }
+        if let Some(e) = failed {
+            for (off, len) in offs {
+                self.arena.free(off, len);
+            }
+            self.free_entries.extend(new_entries.into_values());
+            return Err(e);
+        }
+        for ((key, value), (off, len)) in items.iter().zip(offs) {
+            let entry = match self.keys.get(*key) {
+                Some(&e) => e,
+                None => new_entries[*key],
+            };
+            let mut rec = Vec::with_capacity(len);
+            rec.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            rec.extend_from_slice(key);
+            rec.extend_from_slice(value);
+            seqlock::write_record(&self.zones.arena(), off, &rec);
+            self.keys.insert(key.to_vec(), entry);
+            // len fits u32: checked when reserved.
+            self.commit(entry, pack(off as u32, len as u32));
+            self.entry_len[entry] = len as u32;
+        }
         Ok(())
     }
 
@@ -680,6 +718,43 @@ mod tests {
             w.put(b"big", &big),
             Err(ConfigError::ArenaFull(_))
         ));
+    }
+
+    #[test]
+    fn a_batch_that_does_not_fit_changes_nothing() {
+        let region = Region::create(1 << 20).expect("region");
+        let mut w = ConfigWriter::new(&region);
+        w.put(b"old", b"1").expect("put");
+        let g = w.publish();
+        let (free, keys) = (w.arena_free(), w.len());
+        let big = vec![0u8; free];
+        let err = w.put_all(&[(b"a", b"2"), (b"old", b"3"), (b"b", &big)]);
+        assert_eq!(
+            err,
+            Err(ConfigError::ArenaFull(4 + 1 + 1 + 4 + 3 + 1 + 4 + 1 + free))
+        );
+        assert!(err.is_err_and(|e| e.to_string().contains("arena")));
+        assert_eq!((w.arena_free(), w.len(), w.generation()), (free, keys, g));
+        assert!(!w.contains(b"a"));
+        // Directory: fill every entry but one, then ask for two.
+        let dir = region.layout().dir_count;
+        for i in 1..dir - 1 {
+            w.put(format!("k{i}").as_bytes(), b"").expect("put");
+        }
+        let g = w.publish();
+        let err = w.put_all(&[(b"x", b"1"), (b"y", b"1")]);
+        assert_eq!(err, Err(ConfigError::DirectoryFull(dir)));
+        assert!(err.is_err_and(|e| e.to_string().contains("keys")));
+        assert_eq!(w.generation(), g);
+        w.put_all(&[(b"x", b"1")]).expect("the last key fits");
+        let mut r = ConfigReader::new(&region);
+        let mut view = BTreeMap::new();
+        drain(&mut r, &mut view);
+        w.publish();
+        drain(&mut r, &mut view);
+        assert_eq!(view.len(), dir);
+        assert!(!view.contains_key(b"a".as_slice()) && !view.contains_key(b"y".as_slice()));
+        assert_eq!(view[b"old".as_slice()], b"1");
     }
 
     #[test]
