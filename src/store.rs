@@ -30,7 +30,7 @@ pub enum StoreError {
     Upstream { upstream: String, reason: String },
     #[error("{0}")]
     Full(#[from] ConfigError),
-    #[error("no state slot left for upstream peers; raise --shm-size")]
+    #[error("out of state slots: no state slot left for upstream peers; raise --shm-size")]
     NoStateSlot,
 }
 
@@ -119,12 +119,21 @@ impl Store {
                 reason: e.to_string(),
             })?;
         }
-        for (domain, rules) in sets {
-            let domain = domain.to_ascii_lowercase();
-            self.writer
-                .put(&domain_key(&domain), rules.to_string().as_bytes())?;
-            self.domains.insert(domain, rules);
-        }
+        let sets: Vec<(String, Value)> = sets
+            .into_iter()
+            .map(|(d, r)| (d.to_ascii_lowercase(), r))
+            .collect();
+        let records: Vec<(Vec<u8>, String)> = sets
+            .iter()
+            .map(|(d, r)| (domain_key(d), r.to_string()))
+            .collect();
+        let items: Vec<(&[u8], &[u8])> = records
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_bytes()))
+            .collect();
+        // All or nothing: a refused batch leaves nothing staged.
+        self.writer.put_all(&items)?;
+        self.domains.extend(sets);
         self.publish();
         Ok(())
     }
@@ -159,47 +168,123 @@ impl Store {
         if needed > self.slots.available() {
             return Err(StoreError::NoStateSlot);
         }
+        let mut staged = Vec::with_capacity(resolved.len());
         for (name, list) in resolved {
-            self.install_upstream(name, list)?;
+            match self.stage_upstream(name, list) {
+                Ok(s) => staged.push(s),
+                Err(e) => {
+                    self.unstage(staged);
+                    return Err(e);
+                }
+            }
+        }
+        let records: Vec<(Vec<u8>, Vec<u8>)> = staged
+            .iter()
+            .map(|s| (upstream_key(&s.name), record(&s.up)))
+            .collect();
+        let items: Vec<(&[u8], &[u8])> = records
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        let generation = self.writer.generation();
+        if let Err(e) = self.writer.put_all(&items) {
+            self.unstage(staged);
+            return Err(e.into());
+        }
+        for s in staged {
+            self.keep(s, generation);
         }
         self.publish();
         Ok(())
     }
 
-    /// Writes one upstream's resolved peer list (not published yet).
+    /// Writes one upstream's resolved peer list (not published yet), or,
+    /// when it does not fit, changes nothing.
     fn install_upstream(&mut self, name: String, list: ResolvedPeers) -> Result<(), StoreError> {
-        let old = self.upstreams.remove(&name);
-        let cursor_slot = old
-            .as_ref()
-            .map(|u| u.cursor_slot)
-            .or_else(|| self.slots.take(self.region).map(|h| h.index))
-            .ok_or(StoreError::NoStateSlot)?;
-        let mut old_peers = old.map(|u| u.peers).unwrap_or_default();
-        let mut peers = BTreeMap::new();
-        for (peer_name, (addr, params)) in list {
-            // A peer that stays keeps its state (failures, time out).
-            let slot = match old_peers.remove(&peer_name) {
-                Some(p) if p.addr == addr => p.slot,
-                Some(p) => {
-                    self.slots.retire(p.slot.index, self.writer.generation());
-                    self.slots
-                        .take(self.region)
-                        .ok_or(StoreError::NoStateSlot)?
-                }
-                None => self
-                    .slots
-                    .take(self.region)
-                    .ok_or(StoreError::NoStateSlot)?,
-            };
-            peers.insert(peer_name, Peer { addr, params, slot });
+        let staged = self.stage_upstream(name, list)?;
+        let generation = self.writer.generation();
+        if let Err(e) = self
+            .writer
+            .put(&upstream_key(&staged.name), &record(&staged.up))
+        {
+            self.unstage(vec![staged]);
+            return Err(e.into());
         }
-        for p in old_peers.values() {
-            self.slots.retire(p.slot.index, self.writer.generation());
-        }
-        let up = Upstream { peers, cursor_slot };
-        self.writer.put(&upstream_key(&name), &record(&up))?;
-        self.upstreams.insert(name, up);
+        self.keep(staged, generation);
         Ok(())
+    }
+
+    /// Builds an upstream's next state, taking the state slots it needs;
+    /// nothing else changes until [`keep`](Self::keep).
+    fn stage_upstream(&mut self, name: String, list: ResolvedPeers) -> Result<Staged, StoreError> {
+        let old = self.upstreams.get(&name);
+        let mut taken = Vec::new();
+        let mut retired = Vec::new();
+        let take = |slots: &mut SlotPool, taken: &mut Vec<u32>| {
+            let slot = slots.take(self.region)?;
+            taken.push(slot.index);
+            Some(slot)
+        };
+        let cursor = match old {
+            Some(u) => Some(u.cursor_slot),
+            None => take(&mut self.slots, &mut taken).map(|h| h.index),
+        };
+        let mut peers = BTreeMap::new();
+        let mut complete = cursor.is_some();
+        for (peer_name, (addr, params)) in list {
+            if !complete {
+                break;
+            }
+            // A peer that stays keeps its state (failures, time out).
+            let slot = match old.and_then(|u| u.peers.get(&peer_name)) {
+                Some(p) if p.addr == addr => Some(p.slot),
+                Some(p) => {
+                    retired.push(p.slot.index);
+                    take(&mut self.slots, &mut taken)
+                }
+                None => take(&mut self.slots, &mut taken),
+            };
+            match slot {
+                Some(slot) => {
+                    peers.insert(peer_name, Peer { addr, params, slot });
+                }
+                None => complete = false,
+            }
+        }
+        let (Some(cursor_slot), true) = (cursor, complete) else {
+            self.slots.give_back(taken);
+            return Err(StoreError::NoStateSlot);
+        };
+        if let Some(u) = old {
+            retired.extend(
+                u.peers
+                    .iter()
+                    .filter(|(n, _)| !peers.contains_key(*n))
+                    .map(|(_, p)| p.slot.index),
+            );
+        }
+        Ok(Staged {
+            name,
+            up: Upstream { peers, cursor_slot },
+            taken,
+            retired,
+        })
+    }
+
+    /// Puts staged upstreams in force, written at generations after
+    /// `generation`.
+    fn keep(&mut self, staged: Staged, generation: u64) {
+        for slot in staged.retired {
+            self.slots.retire(slot, generation);
+        }
+        self.upstreams.insert(staged.name, staged.up);
+    }
+
+    /// Forgets staged upstreams that were refused: their slots go back.
+    fn unstage(&mut self, staged: Vec<Staged>) {
+        for s in staged {
+            self.slots.give_back(s.taken);
+        }
     }
 
     /// Removes upstreams; returns, per name, whether it existed.
@@ -326,6 +411,16 @@ impl Store {
             .unwrap_or(generation);
         self.slots.release_before(oldest);
     }
+}
+
+/// An upstream's next state, its new slots taken, not yet in force.
+struct Staged {
+    name: String,
+    up: Upstream,
+    /// Slots taken for it: returned if it is refused.
+    taken: Vec<u32>,
+    /// Slots of its old state that it no longer uses: retired if it is kept.
+    retired: Vec<u32>,
 }
 
 /// Whether `up` has exactly these peers, addresses and parameters.
@@ -526,6 +621,11 @@ impl SlotPool {
             s.reset(incarnation);
         }
         Some(Held { index, incarnation })
+    }
+
+    /// Slots taken for a change that was refused: never handed out.
+    fn give_back(&mut self, slots: Vec<u32>) {
+        self.free.extend(slots);
     }
 
     /// `slot` is unused from the generation after `generation` on.

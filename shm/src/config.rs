@@ -12,39 +12,46 @@
 //!   master from a free list it keeps in its own heap.
 //!
 //! Writing key `k` at generation `g`: write the record into free arena
-//! bytes, store the entry's `offset|len`, store the entry's `gen = g`
-//! (release), write the log slot of `g`, and when the batch is complete
-//! store the header's published generation (release) — the one commit point
-//! readers trust. The record the entry pointed to before is returned to the
-//! free list only after its entry's `gen` changed, so a reader that copied it
-//! sees that change when it re-checks `gen` and drops the copy (a seqlock per
-//! entry, with the generation as the sequence: it never repeats, so no ABA).
+//! bytes, mark the entry busy, store its `offset|len`, store its `gen = g`
+//! (release), write the log slot of `g` the same way, and when the batch is
+//! complete store the header's published generation (release) — the one
+//! commit point readers trust. The record the entry pointed to before is
+//! returned to the free list only after its entry's `gen` changed, so a
+//! reader that copied it sees that change when it re-checks `gen` and drops
+//! the copy (a seqlock per entry, [`crate::seqlock`], with the generation as
+//! the sequence: it never repeats, so no ABA).
 //!
 //! Reading: a worker remembers the generation it applied; on a new published
 //! generation it walks the log from there and re-reads only the entries
 //! named, so one change costs one record, whatever the size of the whole
 //! configuration. A worker that is new, or fell a whole ring behind, scans
-//! the directory instead. Either way every change of one publication is
-//! applied before the worker serves another request, so it never routes by
-//! a mix of two publications.
+//! the directory instead. Either way a poll applies nothing until it has read
+//! whole publications (else it keeps the old view for the next poll), and
+//! applies them before the worker serves another request, so it never routes
+//! by a mix of two publications.
 //!
 //! Nothing here takes a lock: a process killed anywhere leaves at worst an
 //! unpublished batch, which no reader trusts, and the master's death takes
 //! the workers with it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::Region;
 use crate::atomic_mem::{copy_in, copy_out, u64_at};
 use crate::layout::{DIR_ENTRY_SIZE, LOG_ENTRY_SIZE};
+use crate::seqlock::{self, Arena, Entry, pack, unpack};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("the configuration store is full ({0} bytes of records needed); raise --shm-size")]
+    #[error(
+        "out of arena space: the configuration arena cannot hold {0} more bytes of records; raise --shm-size"
+    )]
     ArenaFull(usize),
-    #[error("the configuration store holds its maximum of {0} keys; raise --shm-size")]
+    #[error(
+        "out of keys: the configuration directory holds its maximum of {0} keys; raise --shm-size"
+    )]
     DirectoryFull(usize),
     #[error("a key must be 1 to 65535 bytes")]
     BadKey,
@@ -64,67 +71,74 @@ pub enum Change<'a> {
     },
 }
 
-fn pack(off: u32, len: u32) -> u64 {
-    (u64::from(off) << 32) | u64::from(len)
-}
-
-fn unpack(v: u64) -> (usize, usize) {
-    ((v >> 32) as usize, (v & 0xffff_ffff) as usize)
-}
-
 /// Shared accessors of the three zones.
 struct Zones<'r> {
     region: &'r Region,
 }
 
 impl<'r> Zones<'r> {
-    fn dir_gen(&self, i: usize) -> &'r AtomicU64 {
+    fn dir(&self, i: usize) -> Entry<'r, AtomicU64> {
         let l = self.region.layout();
         debug_assert!(i < l.dir_count);
-        // SAFETY: the entry lies inside the directory zone of the mapping.
-        unsafe { u64_at(self.region.base(), l.dir_off + i * DIR_ENTRY_SIZE) }
+        let at = l.dir_off + i * DIR_ENTRY_SIZE;
+        // SAFETY: both words of the entry lie inside the directory zone of
+        // the mapping, which outlives 'r.
+        unsafe {
+            Entry {
+                generation: u64_at(self.region.base(), at),
+                value: u64_at(self.region.base(), at + 8),
+            }
+        }
     }
-    fn dir_loc(&self, i: usize) -> &'r AtomicU64 {
+    fn log(&self, g: u64) -> Entry<'r, AtomicU64> {
         let l = self.region.layout();
-        // SAFETY: as dir_gen, second word of the entry.
-        unsafe { u64_at(self.region.base(), l.dir_off + i * DIR_ENTRY_SIZE + 8) }
+        let at = l.log_off + (g % l.log_count as u64) as usize * LOG_ENTRY_SIZE;
+        // SAFETY: both words of the slot lie inside the log zone of the
+        // mapping, which outlives 'r.
+        unsafe {
+            Entry {
+                generation: u64_at(self.region.base(), at),
+                value: u64_at(self.region.base(), at + 8),
+            }
+        }
     }
-    fn log_gen(&self, g: u64) -> &'r AtomicU64 {
-        let l = self.region.layout();
-        let i = (g % l.log_count as u64) as usize;
-        // SAFETY: the slot lies inside the log zone of the mapping.
-        unsafe { u64_at(self.region.base(), l.log_off + i * LOG_ENTRY_SIZE) }
-    }
-    fn log_entry(&self, g: u64) -> &'r AtomicU64 {
-        let l = self.region.layout();
-        let i = (g % l.log_count as u64) as usize;
-        // SAFETY: as log_gen, second word of the slot.
-        unsafe { u64_at(self.region.base(), l.log_off + i * LOG_ENTRY_SIZE + 8) }
+    fn arena(&self) -> RegionArena<'r> {
+        RegionArena {
+            region: self.region,
+        }
     }
     fn published(&self) -> u64 {
         self.region.generation().load(Ordering::Acquire)
     }
 
-    /// Copies entry `i`'s record if its generation is stable across the copy.
+    /// Copies entry `i`'s record if it was not rewritten meanwhile.
     /// Returns the generation read and whether the entry is live.
     fn read_entry(&self, i: usize, buf: &mut Vec<u8>) -> Option<(u64, bool)> {
+        seqlock::read_record(&self.dir(i), &self.arena(), buf)
+    }
+}
+
+/// The arena zone of the mapping, as the seqlock sees it.
+struct RegionArena<'r> {
+    region: &'r Region,
+}
+
+impl Arena for RegionArena<'_> {
+    type Word = AtomicU64;
+    fn len(&self) -> usize {
+        self.region.layout().arena_len
+    }
+    fn copy_out(&self, off: usize, len: usize, out: &mut Vec<u8>) {
         let l = self.region.layout();
-        let g1 = self.dir_gen(i).load(Ordering::Acquire);
-        let (off, len) = unpack(self.dir_loc(i).load(Ordering::Relaxed));
-        if len == 0 {
-            buf.clear();
-        } else {
-            // A racing rewrite may pair an offset with another record's length:
-            // never copy outside the arena; the generation check drops it.
-            if off.checked_add(len).is_none_or(|end| end > l.arena_len) {
-                return None;
-            }
-            // SAFETY: off..off+len lies inside the arena zone (checked above).
-            unsafe { copy_out(self.region.base().add(l.arena_off + off), len, buf) };
-        }
-        fence(Ordering::Acquire);
-        let g2 = self.dir_gen(i).load(Ordering::Relaxed);
-        (g1 == g2).then_some((g1, len != 0))
+        debug_assert!(off + len <= l.arena_len);
+        // SAFETY: off..off+len lies inside the arena zone (the caller checks).
+        unsafe { copy_out(self.region.base().add(l.arena_off + off), len, out) }
+    }
+    fn copy_in(&self, off: usize, bytes: &[u8]) {
+        let l = self.region.layout();
+        assert!(off + bytes.len() <= l.arena_len);
+        // SAFETY: off..off+len lies inside the arena zone (asserted).
+        unsafe { copy_in(self.region.base().add(l.arena_off + off), bytes) }
     }
 }
 
@@ -166,35 +180,66 @@ impl<'r> ConfigWriter<'r> {
 
     /// Sets `key` to `value`; visible to readers at the next [`publish`](Self::publish).
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), ConfigError> {
-        if key.is_empty() || key.len() > usize::from(u16::MAX) {
-            return Err(ConfigError::BadKey);
-        }
-        let len = 4 + key.len() + value.len();
-        let len32 = u32::try_from(len).map_err(|_| ConfigError::ArenaFull(len))?;
-        let off = self.arena.alloc(len).ok_or(ConfigError::ArenaFull(len))?;
-        let entry = match self.keys.get(key) {
-            Some(&e) => e,
-            None => match self.take_entry() {
-                Some(e) => e,
+        self.put_all(&[(key, value)])
+    }
+
+    /// Sets every `(key, value)`, or, when the arena or the directory cannot
+    /// hold them all, changes nothing and says which ran out: every arena
+    /// range and directory entry is reserved before shared memory is touched.
+    /// Visible to readers at the next [`publish`](Self::publish).
+    pub fn put_all(&mut self, items: &[(&[u8], &[u8])]) -> Result<(), ConfigError> {
+        let mut offs = Vec::with_capacity(items.len());
+        let mut new_entries: HashMap<&[u8], usize> = HashMap::new();
+        let mut failed = None;
+        for (key, value) in items {
+            if key.is_empty() || key.len() > usize::from(u16::MAX) {
+                failed = Some(ConfigError::BadKey);
+                break;
+            }
+            let len = 4 + key.len() + value.len();
+            let Some(off) = u32::try_from(len).ok().and_then(|_| self.arena.alloc(len)) else {
+                let needed = items.iter().map(|(k, v)| 4 + k.len() + v.len()).sum();
+                failed = Some(ConfigError::ArenaFull(needed));
+                break;
+            };
+            offs.push((off, len));
+            if self.keys.contains_key(*key) || new_entries.contains_key(*key) {
+                continue;
+            }
+            match self.take_entry() {
+                Some(e) => {
+                    new_entries.insert(key, e);
+                }
                 None => {
-                    self.arena.free(off, len);
-                    return Err(ConfigError::DirectoryFull(
+                    failed = Some(ConfigError::DirectoryFull(
                         self.zones.region.layout().dir_count,
                     ));
+                    break;
                 }
-            },
-        };
-        let l = self.zones.region.layout();
-        let mut rec = Vec::with_capacity(len);
-        rec.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        rec.extend_from_slice(key);
-        rec.extend_from_slice(value);
-        // SAFETY: off..off+len was just allocated inside the arena and no
-        // directory entry points to it, so no reader trusts these bytes yet.
-        unsafe { copy_in(self.zones.region.base().add(l.arena_off + off), &rec) };
-        self.keys.insert(key.to_vec(), entry);
-        self.commit(entry, pack(off as u32, len32));
-        self.entry_len[entry] = len32;
+            }
+        }
+        if let Some(e) = failed {
+            for (off, len) in offs {
+                self.arena.free(off, len);
+            }
+            self.free_entries.extend(new_entries.into_values());
+            return Err(e);
+        }
+        for ((key, value), (off, len)) in items.iter().zip(offs) {
+            let entry = match self.keys.get(*key) {
+                Some(&e) => e,
+                None => new_entries[*key],
+            };
+            let mut rec = Vec::with_capacity(len);
+            rec.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            rec.extend_from_slice(key);
+            rec.extend_from_slice(value);
+            seqlock::write_record(&self.zones.arena(), off, &rec);
+            self.keys.insert(key.to_vec(), entry);
+            // len fits u32: checked when reserved.
+            self.commit(entry, pack(off as u32, len as u32));
+            self.entry_len[entry] = len as u32;
+        }
         Ok(())
     }
 
@@ -260,16 +305,12 @@ impl<'r> ConfigWriter<'r> {
     }
 
     fn commit(&mut self, entry: usize, loc: u64) {
-        let old = self.zones.dir_loc(entry).load(Ordering::Relaxed);
-        let (old_off, old_len) = unpack(old);
+        let dir = self.zones.dir(entry);
+        let (old_off, old_len) = unpack(dir.value.load(Ordering::Relaxed));
         self.generation += 1;
         let g = self.generation;
-        self.zones.dir_loc(entry).store(loc, Ordering::Relaxed);
-        self.zones.dir_gen(entry).store(g, Ordering::Release);
-        self.zones
-            .log_entry(g)
-            .store(entry as u64, Ordering::Relaxed);
-        self.zones.log_gen(g).store(g, Ordering::Release);
+        seqlock::commit(&dir, loc, g);
+        seqlock::commit(&self.zones.log(g), entry as u64, g);
         if old_len != 0 {
             self.retired.push((old_off as u32, old_len as u32));
         }
@@ -285,8 +326,9 @@ pub struct ConfigReader<'r> {
     buf: Vec<u8>,
 }
 
-/// How long a reader waits for a batch in progress to be published before
-/// applying what it has (the master publishes batches within microseconds).
+/// How long a reader waits for a batch in progress to be published (the
+/// master publishes batches within microseconds) before it gives up on a
+/// listing for this poll, or applies the log as far as it is published.
 const BATCH_WAIT: Duration = Duration::from_millis(200);
 
 impl<'r> ConfigReader<'r> {
@@ -312,7 +354,11 @@ impl<'r> ConfigReader<'r> {
     }
 
     /// Applies every published change since the last poll, in order, and
-    /// returns the generation now applied.
+    /// returns the generation now applied. Changes are applied only once a
+    /// whole publication is read: when that cannot be done before the wait
+    /// runs out (a batch in progress kept an entry or the directory busy),
+    /// nothing is applied and the old generation is returned, so the caller
+    /// keeps its old view and the next poll tries again.
     pub fn poll(&mut self, mut apply: impl FnMut(Change<'_>)) -> u64 {
         let mut target = self.zones.published();
         if target == self.applied {
@@ -322,23 +368,42 @@ impl<'r> ConfigReader<'r> {
             || target < self.applied
             || target - self.applied > self.zones.region.layout().log_count as u64;
         if full {
-            target = self.scan(&mut apply);
+            return self.scan(&mut apply).unwrap_or(self.applied);
         }
         let deadline = Instant::now() + BATCH_WAIT;
+        let mut walk = Walk::default();
+        let mut from = self.applied;
         loop {
-            match self.follow_log(target, &mut apply) {
+            match self.follow_log(from, target, &mut walk) {
                 LogWalk::Done { superseded_by } if superseded_by <= target => break,
                 LogWalk::Done { superseded_by } => {
                     // Some entry was rewritten by a batch newer than `target`:
-                    // wait for that batch, then apply it too, so that no key
+                    // wait for that batch, then read it too, so that no key
                     // is left behind the others.
                     let published = self.wait_published(superseded_by, deadline);
                     if published <= target {
-                        break;
+                        return self.applied;
                     }
+                    from = target;
                     target = published;
                 }
-                LogWalk::Wrapped => target = self.scan(&mut apply),
+                LogWalk::Wrapped => return self.scan(&mut apply).unwrap_or(self.applied),
+            }
+        }
+        for (entry, key) in walk.keys {
+            match key {
+                Some(key) => self.entry_keys.insert(entry, key),
+                None => self.entry_keys.remove(&entry),
+            };
+        }
+        for change in &walk.changes {
+            match change {
+                Pending::Put { record } => {
+                    if let Some((key, value)) = split_record(record) {
+                        apply(Change::Put { key, value });
+                    }
+                }
+                Pending::Delete { key } => apply(Change::Delete { key }),
             }
         }
         self.applied = target;
@@ -355,31 +420,32 @@ impl<'r> ConfigReader<'r> {
         }
     }
 
-    /// Lists every live entry as of the published generation, after a Reset.
-    fn scan(&mut self, apply: &mut impl FnMut(Change<'_>)) -> u64 {
+    /// Lists every live entry as of the published generation, after a Reset,
+    /// and returns that generation; `None`, having applied nothing, if no
+    /// whole listing could be read before the deadline.
+    fn scan(&mut self, apply: &mut impl FnMut(Change<'_>)) -> Option<u64> {
         let l = *self.zones.region.layout();
         let deadline = Instant::now() + BATCH_WAIT;
-        loop {
+        'listing: loop {
             let published = self.zones.published();
             let mut live: Vec<(usize, Vec<u8>)> = Vec::new();
-            let mut torn = false;
             for i in 0..l.dir_count {
-                let Some((g, is_live)) = self.zones.read_entry(i, &mut self.buf) else {
-                    torn = true;
-                    break;
+                // An entry being rewritten, rewritten while copied, or part
+                // of a batch not yet published: start the listing again.
+                let stable = self
+                    .zones
+                    .read_entry(i, &mut self.buf)
+                    .filter(|(g, _)| *g <= published);
+                let Some((_, is_live)) = stable else {
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                    std::thread::yield_now();
+                    continue 'listing;
                 };
-                if g > published {
-                    // Part of a batch not yet published.
-                    torn = true;
-                    break;
-                }
                 if is_live && split_record(&self.buf).is_some() {
                     live.push((i, std::mem::take(&mut self.buf)));
                 }
-            }
-            if torn && Instant::now() < deadline {
-                std::thread::yield_now();
-                continue;
             }
             apply(Change::Reset);
             self.entry_keys.clear();
@@ -390,53 +456,64 @@ impl<'r> ConfigReader<'r> {
                 }
             }
             self.applied = published;
-            return published;
+            return Some(published);
         }
     }
 
-    fn follow_log(&mut self, target: u64, apply: &mut impl FnMut(Change<'_>)) -> LogWalk {
+    /// Reads the changes of generations `from + 1..=target` into `walk`,
+    /// applying nothing.
+    fn follow_log(&mut self, from: u64, target: u64, walk: &mut Walk) -> LogWalk {
         let mut superseded_by = 0;
         let dir_count = self.zones.region.layout().dir_count;
-        for g in self.applied + 1..=target {
-            let lg = self.zones.log_gen(g);
-            if lg.load(Ordering::Acquire) != g {
-                return LogWalk::Wrapped;
-            }
-            let entry = self.zones.log_entry(g).load(Ordering::Relaxed) as usize;
-            fence(Ordering::Acquire);
-            if lg.load(Ordering::Relaxed) != g {
-                return LogWalk::Wrapped;
-            }
+        for g in from + 1..=target {
+            // A slot being rewritten, or rewritten, belongs to a later lap.
+            let entry = match seqlock::read(&self.zones.log(g)) {
+                Some((lg, entry)) if lg == g => entry as usize,
+                _ => return LogWalk::Wrapped,
+            };
             if entry >= dir_count {
                 continue;
             }
             match self.zones.read_entry(entry, &mut self.buf) {
                 Some((eg, live)) if eg == g => {
-                    let old = self.entry_keys.remove(&entry);
-                    if !live {
-                        if let Some(key) = old {
-                            apply(Change::Delete { key: &key });
-                        }
-                        continue;
-                    }
-                    let Some((key, value)) = split_record(&self.buf) else {
-                        continue;
+                    let old = match walk.keys.get(&entry) {
+                        Some(k) => k.clone(),
+                        None => self.entry_keys.get(&entry).cloned(),
                     };
-                    // A reused entry: the key it held before is gone.
-                    if let Some(old) = old.filter(|o| o.as_slice() != key) {
-                        apply(Change::Delete { key: &old });
+                    let key = live
+                        .then(|| split_record(&self.buf).map(|(k, _)| k.to_vec()))
+                        .flatten();
+                    // A deleted or reused entry: the key it held is gone.
+                    if let Some(old) = old.filter(|o| key.as_ref() != Some(o)) {
+                        walk.changes.push(Pending::Delete { key: old });
                     }
-                    self.entry_keys.insert(entry, key.to_vec());
-                    apply(Change::Put { key, value });
+                    if key.is_some() {
+                        walk.changes.push(Pending::Put {
+                            record: self.buf.clone(),
+                        });
+                    }
+                    walk.keys.insert(entry, key);
                 }
                 Some((eg, _)) => superseded_by = superseded_by.max(eg),
                 // Rewritten while we copied: by a newer generation.
                 None => superseded_by = superseded_by.max(target + 1),
             }
         }
-        self.applied = target;
         LogWalk::Done { superseded_by }
     }
+}
+
+/// Changes read from the log, applied once the whole walk is consistent.
+#[derive(Default)]
+struct Walk {
+    changes: Vec<Pending>,
+    /// Which key each entry named holds after `changes` (`None`: none).
+    keys: HashMap<usize, Option<Vec<u8>>>,
+}
+
+enum Pending {
+    Put { record: Vec<u8> },
+    Delete { key: Vec<u8> },
 }
 
 enum LogWalk {
@@ -570,6 +647,44 @@ mod tests {
     }
 
     #[test]
+    fn a_listing_blocked_by_an_unpublished_batch_applies_nothing() {
+        let region = Region::create(1 << 20).expect("region");
+        let mut w = ConfigWriter::new(&region);
+        w.put(b"a", b"1").expect("put");
+        w.put(b"b", b"2").expect("put");
+        let published = w.publish();
+        // A batch in progress rewrites b: a new reader cannot list b as
+        // published, and must not list a alone.
+        w.put(b"b", b"3").expect("put");
+        let mut r = ConfigReader::new(&region);
+        let mut view = BTreeMap::new();
+        let mut changes = 0;
+        let applied = r.poll(|c| {
+            changes += 1;
+            match c {
+                Change::Reset => view.clear(),
+                Change::Put { key, value } => {
+                    view.insert(key.to_vec(), value.to_vec());
+                }
+                Change::Delete { key } => {
+                    view.remove(key);
+                }
+            }
+        });
+        assert_eq!(
+            (applied, changes, view.len()),
+            (0, 0, 0),
+            "a partial listing was applied as generation {applied}: {view:?}"
+        );
+        // Once the batch is published, the next poll lists it whole.
+        let g = w.publish();
+        assert!(g > published);
+        assert_eq!(drain(&mut r, &mut view), g);
+        assert_eq!(view.len(), 2);
+        assert_eq!(view[b"b".as_slice()], b"3");
+    }
+
+    #[test]
     fn a_reader_behind_a_whole_ring_rescans() {
         let region = Region::create(1 << 20).expect("region");
         let log = region.layout().log_count;
@@ -603,6 +718,43 @@ mod tests {
             w.put(b"big", &big),
             Err(ConfigError::ArenaFull(_))
         ));
+    }
+
+    #[test]
+    fn a_batch_that_does_not_fit_changes_nothing() {
+        let region = Region::create(1 << 20).expect("region");
+        let mut w = ConfigWriter::new(&region);
+        w.put(b"old", b"1").expect("put");
+        let g = w.publish();
+        let (free, keys) = (w.arena_free(), w.len());
+        let big = vec![0u8; free];
+        let err = w.put_all(&[(b"a", b"2"), (b"old", b"3"), (b"b", &big)]);
+        assert_eq!(
+            err,
+            Err(ConfigError::ArenaFull(4 + 1 + 1 + 4 + 3 + 1 + 4 + 1 + free))
+        );
+        assert!(err.is_err_and(|e| e.to_string().contains("arena")));
+        assert_eq!((w.arena_free(), w.len(), w.generation()), (free, keys, g));
+        assert!(!w.contains(b"a"));
+        // Directory: fill every entry but one, then ask for two.
+        let dir = region.layout().dir_count;
+        for i in 1..dir - 1 {
+            w.put(format!("k{i}").as_bytes(), b"").expect("put");
+        }
+        let g = w.publish();
+        let err = w.put_all(&[(b"x", b"1"), (b"y", b"1")]);
+        assert_eq!(err, Err(ConfigError::DirectoryFull(dir)));
+        assert!(err.is_err_and(|e| e.to_string().contains("keys")));
+        assert_eq!(w.generation(), g);
+        w.put_all(&[(b"x", b"1")]).expect("the last key fits");
+        let mut r = ConfigReader::new(&region);
+        let mut view = BTreeMap::new();
+        drain(&mut r, &mut view);
+        w.publish();
+        drain(&mut r, &mut view);
+        assert_eq!(view.len(), dir);
+        assert!(!view.contains_key(b"a".as_slice()) && !view.contains_key(b"y".as_slice()));
+        assert_eq!(view[b"old".as_slice()], b"1");
     }
 
     #[test]

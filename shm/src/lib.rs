@@ -18,6 +18,7 @@ pub mod dict;
 mod layout;
 mod region;
 mod robust;
+mod seqlock;
 pub mod slots;
 pub mod states;
 

@@ -2,7 +2,8 @@
 //! eventfd as workers are, check every snapshot they apply. Each batch
 //! rewrites every key with the batch number and a checksum; a reader that
 //! ever holds keys of two batches, a torn value, or a key that should not
-//! exist fails.
+//! exist fails. The binary has its own `main` (`harness = false`): started
+//! with `CHILD_ENV` set, it is a reader instead of the test.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use elb_shm::Region;
 use elb_shm::config::{Change, ConfigReader, ConfigWriter};
+use libtest_mimic::{Arguments, Trial};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 const READERS: usize = 3;
@@ -64,7 +66,6 @@ impl Drop for Children {
     }
 }
 
-#[test]
 fn readers_never_see_a_half_published_configuration() {
     let region = Region::create(4 << 20).expect("region");
     let wakes: Vec<EventFd> = (0..READERS)
@@ -75,8 +76,7 @@ fn readers_never_see_a_half_published_configuration() {
     for wake in &wakes {
         let wake_fd = wake.as_fd().as_raw_fd();
         let mut cmd = Command::new(std::env::current_exe().expect("exe"));
-        cmd.args(["--exact", "reader_child", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, format!("{shm_fd},{wake_fd}"))
+        cmd.env(CHILD_ENV, format!("{shm_fd},{wake_fd}"))
             .stdout(Stdio::piped());
         // SAFETY: only fcntl between fork and exec.
         unsafe {
@@ -151,12 +151,8 @@ fn readers_never_see_a_half_published_configuration() {
     }
 }
 
-/// The reader process: runs only when started by the test above.
-#[test]
-fn reader_child() {
-    let Ok(spec) = std::env::var(CHILD_ENV) else {
-        return;
-    };
+/// The reader process: `main` runs it when started by the test above.
+fn reader_child(spec: &str) {
     let (shm, wake) = spec.split_once(',').expect("fds");
     // SAFETY: the parent passed these descriptors to this process alone.
     let shm = unsafe { OwnedFd::from_raw_fd(shm.parse().expect("fd")) };
@@ -209,4 +205,19 @@ fn reader_child() {
     lat_us.sort_unstable();
     let pct = |p: usize| lat_us[(lat_us.len() * p / 100).min(lat_us.len() - 1)];
     println!("\nRESULT {snapshots} {} {}", pct(50), pct(99));
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        reader_child(&spec);
+        return;
+    }
+    let trials = vec![Trial::test(
+        "readers_never_see_a_half_published_configuration",
+        || {
+            readers_never_see_a_half_published_configuration();
+            Ok(())
+        },
+    )];
+    libtest_mimic::run(&Arguments::from_args(), trials).exit();
 }

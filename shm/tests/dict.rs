@@ -1,6 +1,8 @@
 //! The shared dictionary: semantics in one process, and then real processes
 //! (this test binary re-executed as children that attach to the region's
-//! memfd) hammering it and being SIGKILLed while they hold its lock.
+//! memfd) hammering it and being SIGKILLed while they hold its lock. The
+//! binary has its own `main` (`harness = false`): started with a role in
+//! `ROLE_ENV`, it plays that child; otherwise it runs the tests.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use elb_shm::Region;
 use elb_shm::dict::{Dict, DictError, SetOutcome, Value};
+use libtest_mimic::{Arguments, Trial};
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 
 const ROLE_ENV: &str = "ELB_DICT_TEST_ROLE";
@@ -93,18 +96,17 @@ impl Rng {
 // ---------------------------------------------------------------------------
 // Child processes.
 
-/// A child process running one `child_*` test of this binary; killed (by its
+/// A child process running one `child_*` function of this binary; killed (by its
 /// PID) and reaped on drop, whatever happened.
 struct ChildProc {
     child: Child,
 }
 
 impl ChildProc {
-    fn spawn(region: &Region, test: &str, role: &str, arg: &str) -> ChildProc {
+    fn spawn(region: &Region, role: &str, arg: &str) -> ChildProc {
         let fd: RawFd = region.fd().as_raw_fd();
         let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
-        cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
-            .env(ROLE_ENV, role)
+        cmd.env(ROLE_ENV, role)
             .env(FD_ENV, fd.to_string())
             .env(ARG_ENV, arg)
             .stdin(Stdio::null())
@@ -155,25 +157,21 @@ impl Drop for ChildProc {
     }
 }
 
-/// In a child: the region passed by the parent, if this process is a child
-/// playing `role`.
-fn child_region(role: &str) -> Option<(Region, String)> {
-    if std::env::var(ROLE_ENV).ok()? != role {
-        return None;
-    }
-    let fd: RawFd = std::env::var(FD_ENV).ok()?.parse().ok()?;
+/// In a child: the region passed by the parent, and the role's argument.
+fn child_region() -> (Region, String) {
+    let fd: RawFd = std::env::var(FD_ENV)
+        .expect("fd variable")
+        .parse()
+        .expect("fd");
     // SAFETY: the parent left this descriptor open (without CLOEXEC) for us
     // alone; nothing else in this process owns it.
     let region = Region::attach(unsafe { OwnedFd::from_raw_fd(fd) }).expect("attach");
-    Some((region, std::env::var(ARG_ENV).unwrap_or_default()))
+    (region, std::env::var(ARG_ENV).unwrap_or_default())
 }
 
 /// Child of `four_processes_hammer_the_same_keys`: `ARG = "id iterations"`.
-#[test]
 fn child_hammer() {
-    let Some((region, arg)) = child_region("hammer") else {
-        return;
-    };
+    let (region, arg) = child_region();
     let d = region.dict();
     let mut it = arg.split(' ').map(|s| s.parse::<u64>().expect("arg"));
     let (id, iters) = (it.next().expect("id"), it.next().expect("iters"));
@@ -198,11 +196,8 @@ fn child_hammer() {
 /// Child of `sigkill_in_a_loop_leaves_a_consistent_dict`: churns until killed
 /// (or for 60 s), touching at most ~150 KiB of values so that nothing the
 /// parent stored is ever evicted.
-#[test]
 fn child_churn() {
-    let Some((region, _)) = child_region("churn") else {
-        return;
-    };
+    let (region, _) = child_region();
     let d = region.dict();
     let mut rng = Rng::new(1);
     let start = Instant::now();
@@ -246,11 +241,8 @@ fn child_churn() {
 }
 
 /// Child of `sigkill_during_eviction_is_repaired`: stores far more than fits.
-#[test]
 fn child_evict() {
-    let Some((region, _)) = child_region("evict") else {
-        return;
-    };
+    let (region, _) = child_region();
     let d = region.dict();
     let mut rng = Rng::new(2);
     let max = d.max_value_len(8);
@@ -271,7 +263,6 @@ fn child_evict() {
 // ---------------------------------------------------------------------------
 // Semantics, in one process.
 
-#[test]
 fn values_of_every_type_round_trip() {
     let region = Region::create(MIB).expect("region");
     let d = region.dict();
@@ -318,7 +309,6 @@ fn values_of_every_type_round_trip() {
     d.check_consistency().expect("consistent");
 }
 
-#[test]
 fn set_add_replace_delete() {
     let region = Region::create(MIB).expect("region");
     let d = region.dict();
@@ -374,7 +364,6 @@ fn set_add_replace_delete() {
     d.check_consistency().expect("consistent");
 }
 
-#[test]
 fn incr_with_and_without_init() {
     let region = Region::create(MIB).expect("region");
     let d = region.dict();
@@ -422,7 +411,6 @@ fn incr_with_and_without_init() {
     d.check_consistency().expect("consistent");
 }
 
-#[test]
 fn ttl_expire_and_expiry_happening() {
     let region = Region::create(MIB).expect("region");
     let d = region.dict();
@@ -477,7 +465,6 @@ fn ttl_expire_and_expiry_happening() {
     d.check_consistency().expect("consistent");
 }
 
-#[test]
 fn keys_flush_all_flush_expired_and_free_space() {
     let region = Region::create(MIB).expect("region");
     let d = region.dict();
@@ -534,7 +521,6 @@ fn keys_flush_all_flush_expired_and_free_space() {
     assert_eq!(d.safe_set(b"max", &bytes(9, max), None, 0), Ok(NO_EVICTION));
 }
 
-#[test]
 fn too_large_keys_and_values_are_rejected() {
     let region = Region::create(MIB).expect("region");
     let d = region.dict();
@@ -601,7 +587,6 @@ fn fill_with_1k_items(d: &Dict<'_>, ttl_at: Option<usize>) -> usize {
     }
 }
 
-#[test]
 fn safe_set_and_safe_add_report_no_memory() {
     let region = Region::create(MIB).expect("region");
     let d = region.dict();
@@ -631,7 +616,6 @@ fn safe_set_and_safe_add_report_no_memory() {
     d.check_consistency().expect("consistent");
 }
 
-#[test]
 fn eviction_follows_lru_order_and_prefers_expired_items() {
     let region = Region::create(MIB).expect("region");
     let d = region.dict();
@@ -704,7 +688,6 @@ fn eviction_follows_lru_order_and_prefers_expired_items() {
 
 /// Garbage written into the zone (not over the mutex) is never followed out
 /// of bounds: operations return, `repair` fixes, the dictionary works again.
-#[test]
 fn garbage_in_the_zone_is_repaired_without_faults() {
     let region = Region::create(MIB).expect("region");
     let d = region.dict();
@@ -757,14 +740,13 @@ fn garbage_in_the_zone_is_repaired_without_faults() {
 // ---------------------------------------------------------------------------
 // Real processes.
 
-#[test]
 fn four_processes_hammer_the_same_keys() {
     const PROCS: u64 = 4;
     const ITERS: u64 = 20_000;
     let region = Region::create(4 * MIB).expect("region");
     let d = region.dict();
     let mut kids: Vec<ChildProc> = (0..PROCS)
-        .map(|id| ChildProc::spawn(&region, "child_hammer", "hammer", &format!("{id} {ITERS}")))
+        .map(|id| ChildProc::spawn(&region, "hammer", &format!("{id} {ITERS}")))
         .collect();
     // The parent hammers too.
     for _ in 0..ITERS {
@@ -799,7 +781,6 @@ fn four_processes_hammer_the_same_keys() {
     d.check_consistency().expect("consistent");
 }
 
-#[test]
 fn sigkill_in_a_loop_leaves_a_consistent_dict() {
     const ROUNDS: u64 = 50;
     let region = Arc::new(Region::create(4 * MIB).expect("region"));
@@ -807,7 +788,7 @@ fn sigkill_in_a_loop_leaves_a_consistent_dict() {
     let mut rng = Rng::new(4);
     let mut expected = 0i64;
     for round in 0..ROUNDS {
-        let mut child = ChildProc::spawn(&region, "child_churn", "churn", "");
+        let mut child = ChildProc::spawn(&region, "churn", "");
         // Let it run for a random number of operations while the parent
         // increments its own counter.
         let start = int(&d, "child_ops").unwrap_or(0);
@@ -845,14 +826,13 @@ fn sigkill_in_a_loop_leaves_a_consistent_dict() {
     assert!(repairs > 0, "no kill ever landed inside the lock");
 }
 
-#[test]
 fn sigkill_during_eviction_is_repaired() {
     const ROUNDS: u64 = 30;
     let region = Arc::new(Region::create(MIB).expect("region"));
     let d = region.dict();
     let mut rng = Rng::new(5);
     for round in 0..ROUNDS {
-        let mut child = ChildProc::spawn(&region, "child_evict", "evict", "");
+        let mut child = ChildProc::spawn(&region, "evict", "");
         // Progress: watch the child's counter change (it may itself be
         // evicted, so look for changes, not a total).
         let mut last = int(&d, "evict_ops");
@@ -879,4 +859,72 @@ fn sigkill_during_eviction_is_repaired() {
         d.set(b"parent", &v, None, 0).expect("set");
         assert_eq!(d.get(b"parent"), Ok(Some((v, 0))));
     }
+}
+
+fn main() {
+    // Children are this binary started with a role: they run that role
+    // instead of the tests, so no test passes merely by finding no role.
+    if let Ok(role) = std::env::var(ROLE_ENV) {
+        match role.as_str() {
+            "hammer" => child_hammer(),
+            "churn" => child_churn(),
+            "evict" => child_evict(),
+            other => panic!("unknown child role {other:?}"),
+        }
+        return;
+    }
+    let trials = vec![
+        Trial::test("values_of_every_type_round_trip", || {
+            values_of_every_type_round_trip();
+            Ok(())
+        }),
+        Trial::test("set_add_replace_delete", || {
+            set_add_replace_delete();
+            Ok(())
+        }),
+        Trial::test("incr_with_and_without_init", || {
+            incr_with_and_without_init();
+            Ok(())
+        }),
+        Trial::test("ttl_expire_and_expiry_happening", || {
+            ttl_expire_and_expiry_happening();
+            Ok(())
+        }),
+        Trial::test("keys_flush_all_flush_expired_and_free_space", || {
+            keys_flush_all_flush_expired_and_free_space();
+            Ok(())
+        }),
+        Trial::test("too_large_keys_and_values_are_rejected", || {
+            too_large_keys_and_values_are_rejected();
+            Ok(())
+        }),
+        Trial::test("safe_set_and_safe_add_report_no_memory", || {
+            safe_set_and_safe_add_report_no_memory();
+            Ok(())
+        }),
+        Trial::test(
+            "eviction_follows_lru_order_and_prefers_expired_items",
+            || {
+                eviction_follows_lru_order_and_prefers_expired_items();
+                Ok(())
+            },
+        ),
+        Trial::test("garbage_in_the_zone_is_repaired_without_faults", || {
+            garbage_in_the_zone_is_repaired_without_faults();
+            Ok(())
+        }),
+        Trial::test("four_processes_hammer_the_same_keys", || {
+            four_processes_hammer_the_same_keys();
+            Ok(())
+        }),
+        Trial::test("sigkill_in_a_loop_leaves_a_consistent_dict", || {
+            sigkill_in_a_loop_leaves_a_consistent_dict();
+            Ok(())
+        }),
+        Trial::test("sigkill_during_eviction_is_repaired", || {
+            sigkill_during_eviction_is_repaired();
+            Ok(())
+        }),
+    ];
+    libtest_mimic::run(&Arguments::from_args(), trials).exit();
 }

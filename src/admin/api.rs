@@ -7,7 +7,9 @@ use serde_json::{Map, Value, json};
 
 use elb_workers::upstream::parse_peer_value;
 
-use crate::store::{Store, resolve_peers};
+use elb_shm::config::ConfigError;
+
+use crate::store::{Store, StoreError, resolve_peers};
 
 /// How long a dump may take before the API answers 503.
 const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -128,7 +130,7 @@ fn put_domains(store: &mut Store, body: &[u8]) -> Answer {
     };
     match store.set_domains(sets.into_iter().collect()) {
         Ok(()) => ok(),
-        Err(e) => error(400, e.to_string()),
+        Err(e) => store_error(e),
     }
 }
 
@@ -186,8 +188,19 @@ fn put_upstreams(store: &Mutex<Store>, body: &[u8]) -> Answer {
     };
     match store.set_upstreams(parsed) {
         Ok(()) => ok(),
-        Err(e) => error(400, e.to_string()),
+        Err(e) => store_error(e),
     }
+}
+
+/// A refused change: 507 when the region ran out of room (the message names
+/// arena space, keys or state slots), 400 when the change itself is wrong.
+fn store_error(e: StoreError) -> Answer {
+    let status = match e {
+        StoreError::Full(ConfigError::BadKey) => 400,
+        StoreError::Full(_) | StoreError::NoStateSlot => 507,
+        StoreError::Domain { .. } | StoreError::Upstream { .. } => 400,
+    };
+    error(status, e.to_string())
 }
 
 fn get_upstreams(store: &Store) -> Answer {
