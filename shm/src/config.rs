@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::Region;
-use crate::atomic_mem::{copy_in, copy_out, u64_at};
+use crate::atomic_mem::Mem;
 use crate::layout::{DIR_ENTRY_SIZE, LOG_ENTRY_SIZE};
 use crate::seqlock::{self, Arena, Entry, pack, unpack};
 
@@ -77,30 +77,21 @@ struct Zones<'r> {
 }
 
 impl<'r> Zones<'r> {
+    /// Directory entry `i` (`< dir_count`: callers check indices read from
+    /// the log; a wrong one would read another zone's words).
     fn dir(&self, i: usize) -> Entry<'r, AtomicU64> {
         let l = self.region.layout();
-        debug_assert!(i < l.dir_count);
-        let at = l.dir_off + i * DIR_ENTRY_SIZE;
-        // SAFETY: both words of the entry lie inside the directory zone of
-        // the mapping, which outlives 'r.
-        unsafe {
-            Entry {
-                generation: u64_at(self.region.base(), at),
-                value: u64_at(self.region.base(), at + 8),
-            }
-        }
+        assert!(i < l.dir_count, "directory entry {i} out of range");
+        entry(
+            self.region
+                .mem()
+                .sub(l.dir_off + i * DIR_ENTRY_SIZE, DIR_ENTRY_SIZE),
+        )
     }
     fn log(&self, g: u64) -> Entry<'r, AtomicU64> {
         let l = self.region.layout();
         let at = l.log_off + (g % l.log_count as u64) as usize * LOG_ENTRY_SIZE;
-        // SAFETY: both words of the slot lie inside the log zone of the
-        // mapping, which outlives 'r.
-        unsafe {
-            Entry {
-                generation: u64_at(self.region.base(), at),
-                value: u64_at(self.region.base(), at + 8),
-            }
-        }
+        entry(self.region.mem().sub(at, LOG_ENTRY_SIZE))
     }
     fn arena(&self) -> RegionArena<'r> {
         RegionArena {
@@ -118,9 +109,24 @@ impl<'r> Zones<'r> {
     }
 }
 
+/// The two words of a directory or log entry.
+fn entry(mem: Mem<'_>) -> Entry<'_, AtomicU64> {
+    Entry {
+        generation: mem.u64(0),
+        value: mem.u64(8),
+    }
+}
+
 /// The arena zone of the mapping, as the seqlock sees it.
 struct RegionArena<'r> {
     region: &'r Region,
+}
+
+impl RegionArena<'_> {
+    fn zone(&self) -> Mem<'_> {
+        let l = self.region.layout();
+        self.region.mem().sub(l.arena_off, l.arena_len)
+    }
 }
 
 impl Arena for RegionArena<'_> {
@@ -129,16 +135,10 @@ impl Arena for RegionArena<'_> {
         self.region.layout().arena_len
     }
     fn copy_out(&self, off: usize, len: usize, out: &mut Vec<u8>) {
-        let l = self.region.layout();
-        debug_assert!(off + len <= l.arena_len);
-        // SAFETY: off..off+len lies inside the arena zone (the caller checks).
-        unsafe { copy_out(self.region.base().add(l.arena_off + off), len, out) }
+        self.zone().copy_out(off, len, out)
     }
     fn copy_in(&self, off: usize, bytes: &[u8]) {
-        let l = self.region.layout();
-        assert!(off + bytes.len() <= l.arena_len);
-        // SAFETY: off..off+len lies inside the arena zone (asserted).
-        unsafe { copy_in(self.region.base().add(l.arena_off + off), bytes) }
+        self.zone().copy_in(off, bytes)
     }
 }
 

@@ -11,12 +11,21 @@
 //!
 //! Nothing here knows about HTTP or etcd. `LIFECYCLE.md` beside this file walks
 //! through who writes what and what a SIGKILL at each point leaves behind.
+//!
+//! `unsafe` lives in three places: `atomic_mem` turns the mapping into
+//! bounds-checked atomics, `robust` calls pthread, and the dictionary's
+//! lock module hands its mutex to `robust`. Everything else is safe code
+//! over those, which the lint below holds to.
 
+#![deny(unsafe_code, unsafe_op_in_unsafe_fn)]
+
+#[allow(unsafe_code)]
 mod atomic_mem;
 pub mod config;
 pub mod dict;
 mod layout;
 mod region;
+#[allow(unsafe_code)]
 mod robust;
 mod seqlock;
 pub mod slots;

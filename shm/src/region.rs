@@ -8,7 +8,7 @@ use memmap2::MmapRaw;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 
-use crate::atomic_mem::u64_at;
+use crate::atomic_mem::Mem;
 use crate::layout::Layout;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"ELBSHM01");
@@ -87,9 +87,9 @@ impl Region {
         &self.layout
     }
 
-    /// Base address of the mapping.
-    pub(crate) fn base(&self) -> *mut u8 {
-        self.map.as_mut_ptr()
+    /// The whole mapping, for the zones' typed views.
+    pub(crate) fn mem(&self) -> Mem<'_> {
+        Mem::of_mapping(&self.map)
     }
 
     /// The published configuration generation.
@@ -98,14 +98,13 @@ impl Region {
     }
 
     fn word(&self, off: usize) -> &AtomicU64 {
-        // SAFETY: header offsets are fixed, 8-aligned and inside the mapping,
-        // which lives as long as `self`.
-        unsafe { u64_at(self.base(), off) }
+        self.mem().u64(off)
     }
 }
 
-// SAFETY: the mapping is shared memory accessed only through atomics and
-// validated copies; the raw pointer is valid for the life of the Region.
-unsafe impl Send for Region {}
-// SAFETY: as above; every shared access goes through atomics.
-unsafe impl Sync for Region {}
+// Send and Sync come from the fields (memmap2's MmapRaw is both): every
+// process and thread reaches the mapping through atomics alone.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<Region>()
+};

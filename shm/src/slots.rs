@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::Region;
-use crate::atomic_mem::u64_at;
+use crate::atomic_mem::Mem;
 use crate::layout::{MAX_WORKERS, SLOT_SIZE};
 
 const OFF_PID: usize = 0;
@@ -13,26 +13,23 @@ const OFF_REQUESTS: usize = 16;
 
 /// A view of worker slot `index`.
 pub struct WorkerSlot<'r> {
-    base: *mut u8,
-    _region: std::marker::PhantomData<&'r Region>,
+    mem: Mem<'r>,
 }
 
 impl Region {
     /// Slot `index` (`< MAX_WORKERS`), or `None` past the last.
     pub fn worker_slot(&self, index: usize) -> Option<WorkerSlot<'_>> {
         (index < MAX_WORKERS).then(|| WorkerSlot {
-            // SAFETY: slot zone bounds come from the layout of this mapping.
-            base: unsafe { self.base().add(self.layout().slots_off + index * SLOT_SIZE) },
-            _region: std::marker::PhantomData,
+            mem: self
+                .mem()
+                .sub(self.layout().slots_off + index * SLOT_SIZE, SLOT_SIZE),
         })
     }
 }
 
 impl WorkerSlot<'_> {
     fn word(&self, off: usize) -> &AtomicU64 {
-        // SAFETY: the slot is SLOT_SIZE bytes inside the mapping, which
-        // outlives this view; offsets are 8-aligned and below SLOT_SIZE.
-        unsafe { u64_at(self.base, off) }
+        self.mem.u64(off)
     }
 
     /// Called by the master before it starts a worker in this slot.

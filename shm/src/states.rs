@@ -19,7 +19,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::Region;
-use crate::atomic_mem::u64_at;
+use crate::atomic_mem::Mem;
 use crate::layout::PEER_SIZE;
 
 /// Words in one slot.
@@ -63,8 +63,7 @@ impl Incarnation {
 /// A view of one state slot.
 #[derive(Clone, Copy)]
 pub struct StateSlot<'r> {
-    base: *mut u8,
-    _region: std::marker::PhantomData<&'r Region>,
+    mem: Mem<'r>,
 }
 
 impl Region {
@@ -76,9 +75,9 @@ impl Region {
     /// Slot `index`, or `None` past the last.
     pub fn state_slot(&self, index: usize) -> Option<StateSlot<'_>> {
         (index < self.layout().peers_count).then(|| StateSlot {
-            // SAFETY: the slot lies inside the peers zone of this mapping.
-            base: unsafe { self.base().add(self.layout().peers_off + index * PEER_SIZE) },
-            _region: std::marker::PhantomData,
+            mem: self
+                .mem()
+                .sub(self.layout().peers_off + index * PEER_SIZE, PEER_SIZE),
         })
     }
 }
@@ -86,9 +85,7 @@ impl Region {
 impl<'r> StateSlot<'r> {
     fn word(&self, i: usize) -> &'r AtomicU64 {
         let i = if i < WORDS { i } else { 0 };
-        // SAFETY: the slot is PEER_SIZE bytes inside the mapping, which
-        // outlives 'r; i * 8 < PEER_SIZE and is 8-aligned.
-        unsafe { u64_at(self.base, i * 8) }
+        self.mem.u64(i * 8)
     }
 
     /// Word `i` (`< WORDS`; past the end, word 0) as a plain counter, for
