@@ -1,19 +1,22 @@
 //! The worker's event loop: listeners, sessions (a client connection and,
 //! during an exchange, its peer connection), the master's wake-up eventfd
 //! and the signalfd, all in one `mio::Poll`.
+//!
+//! A worker is built from [`Resources`]: the master's child adopts them
+//! (`inherit.rs`), a test makes them itself (`testing.rs`).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::sys::signal::Signal;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use slab::Slab;
 
 use crate::args::WorkerArgs;
-use crate::inherit::Inherited;
 use crate::pool::Pool;
 use crate::route::Router;
 use crate::session::{Cx, Drive, Session};
@@ -33,6 +36,17 @@ const READ_SIZE: usize = 64 << 10;
 pub enum LoopError {
     #[error("event loop: {0}")]
     Io(#[from] io::Error),
+    #[error("signals: {0}")]
+    Signals(nix::Error),
+}
+
+/// What a worker serves with.
+pub(crate) struct Resources {
+    /// Mapped for the life of the process.
+    pub region: &'static elb_shm::Region,
+    pub listeners: Vec<std::net::TcpListener>,
+    /// The eventfd the master writes after each publication.
+    pub wake: OwnedFd,
 }
 
 pub(crate) struct Worker {
@@ -41,7 +55,9 @@ pub(crate) struct Worker {
     listeners: Vec<TcpListener>,
     sessions: Slab<Session>,
     timers: Timers,
-    inherited: Inherited,
+    region: &'static elb_shm::Region,
+    wake: OwnedFd,
+    signals: SignalFd,
     config: Config,
     router: Router,
     pool: Pool,
@@ -52,27 +68,29 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    pub fn new(args: WorkerArgs, mut inherited: Inherited) -> Result<Worker, LoopError> {
+    /// Registers everything with a new poll. SIGTERM, SIGINT and SIGQUIT
+    /// are blocked in the calling thread, which must be the one that runs
+    /// the loop: they arrive as events of the loop instead of handlers.
+    pub fn new(args: WorkerArgs, res: Resources) -> Result<Worker, LoopError> {
         let poll = Poll::new()?;
-        let listeners: Vec<TcpListener> = inherited
-            .listeners
-            .drain(..)
-            .map(TcpListener::from_std)
-            .collect();
-        for (i, l) in listeners.iter().enumerate() {
+        let mut listeners = Vec::with_capacity(res.listeners.len());
+        for (i, l) in res.listeners.into_iter().enumerate() {
+            l.set_nonblocking(true)?;
             poll.registry().register(
                 &mut SourceFd(&l.as_raw_fd()),
                 Token(i),
                 Interest::READABLE,
             )?;
+            listeners.push(TcpListener::from_std(l));
         }
+        let signals = signal_fd()?;
         poll.registry().register(
-            &mut SourceFd(&inherited.wake.as_raw_fd()),
+            &mut SourceFd(&res.wake.as_raw_fd()),
             WAKE,
             Interest::READABLE,
         )?;
         poll.registry().register(
-            &mut SourceFd(&inherited.signals.as_raw_fd()),
+            &mut SourceFd(&signals.as_raw_fd()),
             SIGNALS,
             Interest::READABLE,
         )?;
@@ -83,8 +101,10 @@ impl Worker {
             listeners,
             sessions: Slab::new(),
             timers: Timers::default(),
-            config: Config::new(inherited.region, index),
-            inherited,
+            config: Config::new(res.region, index),
+            region: res.region,
+            wake: res.wake,
+            signals,
             router: Router::default(),
             pool: Pool::new(PEER_BASE),
             scratch: vec![0; READ_SIZE],
@@ -94,7 +114,7 @@ impl Worker {
     }
 
     pub fn run(mut self) -> Result<(), LoopError> {
-        if let Some(slot) = self.inherited.region.worker_slot(self.args.index) {
+        if let Some(slot) = self.region.worker_slot(self.args.index) {
             slot.set_pid(std::process::id());
         }
         self.config.refresh();
@@ -168,12 +188,12 @@ impl Worker {
     fn drain_wake(&mut self) {
         let mut buf = [0u8; 8];
         // The counter's value does not matter, only that it was written.
-        let _ = nix::unistd::read(&self.inherited.wake, &mut buf);
+        let _ = nix::unistd::read(&self.wake, &mut buf);
     }
 
     /// Handles pending signals; returns true to exit at once.
     fn on_signals(&mut self) -> bool {
-        while let Ok(Some(info)) = self.inherited.signals.read_signal() {
+        while let Ok(Some(info)) = self.signals.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGQUIT) => return true,
                 Ok(Signal::SIGTERM | Signal::SIGINT) if self.draining_until.is_none() => {
@@ -241,7 +261,7 @@ impl Worker {
         let mut cx = Cx {
             router: &mut self.router,
             config: &mut self.config,
-            region: self.inherited.region,
+            region: self.region,
             pool: &mut self.pool,
             registry: self.poll.registry(),
             args: &self.args,
@@ -294,4 +314,15 @@ impl Worker {
         // Dropping the session closes the client socket, which also takes
         // it out of epoll: no deregistering call is needed.
     }
+}
+
+/// SIGTERM, SIGINT and SIGQUIT, blocked in this thread, as a descriptor.
+fn signal_fd() -> Result<SignalFd, LoopError> {
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT] {
+        mask.add(s);
+    }
+    mask.thread_block().map_err(LoopError::Signals)?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(LoopError::Signals)
 }

@@ -1,12 +1,21 @@
 //! Taking ownership of the descriptors the master passed down, and the
 //! process-level set-up a worker needs before its loop starts.
+//!
+//! The only module of this crate with `unsafe`: a descriptor number from
+//! the command line becomes an `OwnedFd` here, once it is known to be open.
+//! Everything after that borrows from the owned descriptor.
+//!
+//! SIGPIPE needs nothing here: Rust's runtime sets it to `SIG_IGN` before
+//! `main` (the `elb` binary does not opt out), and the re-executed worker is
+//! that same binary, so a write to a vanished client is an `EPIPE` to
+//! handle, not a reason to die.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::signal::Signal;
 
 use crate::args::WorkerArgs;
+use crate::event_loop::Resources;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InheritError {
@@ -20,15 +29,8 @@ pub enum InheritError {
     Sys(&'static str, nix::Error),
 }
 
-pub(crate) struct Inherited {
-    /// Mapped for the life of the process.
-    pub region: &'static elb_shm::Region,
-    pub wake: OwnedFd,
-    pub listeners: Vec<std::net::TcpListener>,
-    pub signals: SignalFd,
-}
-
-pub(crate) fn adopt(args: &WorkerArgs) -> Result<Inherited, InheritError> {
+/// Adopts what the master passed to this worker.
+pub(crate) fn adopt(args: &WorkerArgs) -> Result<Resources, InheritError> {
     // The master asked the kernel to kill us when it dies, but it may have
     // died before that request took effect.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| InheritError::Sys("prctl", e))?;
@@ -40,50 +42,26 @@ pub(crate) fn adopt(args: &WorkerArgs) -> Result<Inherited, InheritError> {
     let listeners = args
         .listen_fds
         .iter()
-        .map(|&fd| {
-            let l = std::net::TcpListener::from(own(fd)?);
-            l.set_nonblocking(true).map_err(|e| {
-                InheritError::Sys(
-                    "listener",
-                    nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
-                )
-            })?;
-            Ok(l)
-        })
+        .map(|&fd| own(fd).map(std::net::TcpListener::from))
         .collect::<Result<Vec<_>, InheritError>>()?;
-    let mut mask = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT] {
-        mask.add(s);
-    }
-    mask.thread_block()
-        .map_err(|e| InheritError::Sys("sigprocmask", e))?;
-    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .map_err(|e| InheritError::Sys("signalfd", e))?;
-    // Ignore SIGPIPE: a client that vanishes mid-write is an EPIPE to handle,
-    // not a reason to die.
-    // SAFETY: installing SIG_IGN has no handler code to be unsafe about.
-    unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) }
-        .map_err(|e| InheritError::Sys("signal", e))?;
-    Ok(Inherited {
+    Ok(Resources {
+        // Mapped for the life of the process.
         region: Box::leak(Box::new(elb_shm::Region::attach(shm)?)),
-        wake,
         listeners,
-        signals,
+        wake,
     })
 }
 
-fn own(fd: i32) -> Result<OwnedFd, InheritError> {
-    // Check that the number names an open descriptor before claiming it.
-    if fd < 3 || nix::fcntl::fcntl(unsafe_borrow(fd), nix::fcntl::FcntlArg::F_GETFD).is_err() {
+/// Claims descriptor `fd`, once it is known to be open. The check reads
+/// `/proc/self/fd` (the master re-executes this binary through
+/// `/proc/self/exe`, so `/proc` is there) instead of borrowing a number
+/// that may name nothing.
+fn own(fd: RawFd) -> Result<OwnedFd, InheritError> {
+    if fd < 3 || std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err() {
         return Err(InheritError::BadFd(fd));
     }
-    // SAFETY: the master opened `fd` for this process alone and passed its
-    // number; nothing else in this process owns it (checked open above).
+    // SAFETY: `fd` is open (checked above), the master opened it for this
+    // process alone and passed its number once; nothing else in this
+    // process owns it, so the `OwnedFd` is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn unsafe_borrow(fd: i32) -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: used only for one F_GETFD on a number that may not be open,
-    // which the kernel answers with EBADF; the borrow does not outlive it.
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }

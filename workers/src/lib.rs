@@ -5,18 +5,24 @@
 //! This crate knows nothing of etcd or the admin API's storage: the master
 //! (`src/`) is the only place where those meet the data plane.
 
+// `unsafe` only where inherited descriptors are adopted (`inherit.rs`).
+#![deny(unsafe_code)]
+
 pub mod access;
 pub mod args;
 pub mod balance;
 mod event_loop;
 mod health;
 pub mod http;
+#[allow(unsafe_code)]
 mod inherit;
 mod pool;
 pub mod published;
 mod route;
 pub mod rules;
 mod session;
+#[cfg(test)]
+mod testing;
 mod timers;
 pub mod upstream;
 mod upstream_conn;
@@ -26,14 +32,14 @@ pub use args::WorkerArgs;
 
 /// Runs a worker to completion; returns the process exit code.
 pub fn run(args: WorkerArgs) -> i32 {
-    let inherited = match inherit::adopt(&args) {
-        Ok(i) => i,
+    let resources = match inherit::adopt(&args) {
+        Ok(r) => r,
         Err(e) => {
             log::error!("worker {}: {e}", args.index);
             return 1;
         }
     };
-    match event_loop::Worker::new(args, inherited).and_then(|w| w.run()) {
+    match event_loop::Worker::new(args, resources).and_then(|w| w.run()) {
         Ok(()) => 0,
         Err(e) => {
             log::error!("worker: {e}");

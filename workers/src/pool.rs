@@ -146,3 +146,59 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::testing::{TestWorker, answer_each, args, ask, backend, hang_up, read_head};
+
+    const GET: &str = "GET / HTTP/1.1\r\nHost: app.test\r\n\r\n";
+
+    fn counting(
+        serve: impl Fn(std::net::TcpStream) + Send + 'static,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let addr = backend(move |conn| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            serve(conn);
+        });
+        (addr, accepted)
+    }
+
+    #[test]
+    fn a_peer_connection_serves_the_next_request_from_the_pool() {
+        let (peer, accepted) = counting(|conn| answer_each(conn, "ok"));
+        let mut worker = TestWorker::start(args());
+        worker.route("app.test", "web", &[peer]);
+        // Two clients one after the other: the second request takes the
+        // connection the first left idle.
+        for _ in 0..2 {
+            let mut client = worker.connect();
+            assert_eq!(ask(&mut client, GET).status, 200);
+            assert_eq!(ask(&mut client, GET).status, 200);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_pooled_connection_the_peer_closed_is_replaced_without_a_failure() {
+        let (peer, accepted) = counting(|mut conn| {
+            read_head(&mut conn);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            // Closes what the worker keeps as a keep-alive connection.
+            hang_up(&conn);
+        });
+        let mut worker = TestWorker::start(args());
+        worker.route("app.test", "web", &[peer]);
+        let mut client = worker.connect();
+        for _ in 0..3 {
+            let answer = ask(&mut client, GET);
+            assert_eq!(answer.status, 200, "{answer:?}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+}

@@ -24,6 +24,9 @@ const ADMIN_PREFIX: &[u8] = b"/__erulb__/";
 pub(crate) enum Routed {
     /// Answer here with this status.
     Status(u16),
+    /// No peer can take it (every one down or out, or a `servername` that
+    /// is neither an upstream nor an address).
+    NoPeer,
     /// Proxy to this peer; `upstream` names the upstream it was picked from
     /// (none for a direct `host:port`), to pick another on a retry.
     Peer {
@@ -90,7 +93,7 @@ impl Router {
                             peer,
                             upstream: Some(name.clone()),
                         },
-                        None => return Routed::Status(502),
+                        None => return Routed::NoPeer,
                     },
                     None => match servername.parse::<SocketAddr>() {
                         Ok(addr) => Routed::Peer {
@@ -102,7 +105,7 @@ impl Router {
                             },
                             upstream: None,
                         },
-                        Err(_) => return Routed::Status(502),
+                        Err(_) => return Routed::NoPeer,
                     },
                 };
                 let path = if rewritten {
