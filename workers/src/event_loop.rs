@@ -326,3 +326,48 @@ fn signal_fd() -> Result<SignalFd, LoopError> {
     SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(LoopError::Signals)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use crate::testing::{args, ask, backend, proxy_to, read_head};
+
+    #[test]
+    fn sigterm_closes_the_listeners_and_lets_the_exchange_in_progress_end() {
+        let (heard, request_in) = mpsc::channel();
+        let (answer_now, go) = mpsc::channel::<()>();
+        let go = std::sync::Mutex::new(go);
+        let peer = backend(move |mut conn| {
+            read_head(&mut conn);
+            let _ = heard.send(());
+            if let Ok(go) = go.lock() {
+                let _ = go.recv();
+            }
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate");
+        });
+        let (worker, mut client) = proxy_to(args(), &[peer]);
+        let addr = worker.addr;
+        let asking = std::thread::spawn(move || {
+            ask(&mut client, "GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        });
+        request_in
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the request reached the peer");
+        let stopping = std::thread::spawn(move || worker.stop());
+        // Draining: the listener is closed, so new connections are refused.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_ok() {
+            assert!(Instant::now() < deadline, "the listener stays open");
+            std::thread::yield_now();
+        }
+        let _ = answer_now.send(());
+        let answer = asking.join().expect("client");
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, b"late");
+        assert_eq!(stopping.join().ok(), Some(true), "the loop ended cleanly");
+    }
+}

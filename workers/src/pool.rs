@@ -153,7 +153,9 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use crate::testing::{TestWorker, answer_each, args, ask, backend, hang_up, read_head};
+    use crate::testing::{
+        TestWorker, answer_each, args, ask, backend, hang_up, proxy_to, read_head,
+    };
 
     const GET: &str = "GET / HTTP/1.1\r\nHost: app.test\r\n\r\n";
 
@@ -192,9 +194,7 @@ mod tests {
             // Closes what the worker keeps as a keep-alive connection.
             hang_up(&conn);
         });
-        let mut worker = TestWorker::start(args());
-        worker.route("app.test", "web", &[peer]);
-        let mut client = worker.connect();
+        let (_worker, mut client) = proxy_to(args(), &[peer]);
         for _ in 0..3 {
             let answer = ask(&mut client, GET);
             assert_eq!(answer.status, 200, "{answer:?}");

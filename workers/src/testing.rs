@@ -177,6 +177,15 @@ impl Drop for TestWorker {
     }
 }
 
+/// A worker routing every request for `app.test` to `peers`, and a
+/// client connected to it.
+pub(crate) fn proxy_to(args: WorkerArgs, peers: &[SocketAddr]) -> (TestWorker, TcpStream) {
+    let mut worker = TestWorker::start(args);
+    worker.route("app.test", "web", peers);
+    let client = worker.connect();
+    (worker, client)
+}
+
 /// A backend on 127.0.0.1 that runs `serve` on each connection it
 /// accepts, one after the other, on a thread of its own.
 pub(crate) fn backend(serve: impl Fn(TcpStream) + Send + 'static) -> SocketAddr {

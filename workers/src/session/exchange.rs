@@ -82,7 +82,6 @@ pub(super) struct Exchange {
 }
 
 impl Exchange {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         peer: Option<Picked>,
         request: Request,

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::testing::{
-    TestWorker, answer_each, args, ask, backend, closed, hang_up, read_head, refusing_addr,
+    TestWorker, answer_each, args, ask, backend, closed, hang_up, proxy_to, read_head,
+    refusing_addr,
 };
 
 /// The states `worker`'s thread entered so far, in order.
@@ -46,9 +47,7 @@ fn a_request_is_proxied_and_its_answer_relayed() {
         }
         let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Up: 1\r\n\r\nhello");
     });
-    let mut worker = TestWorker::start(args());
-    worker.route("app.test", "web", &[peer]);
-    let mut client = worker.connect();
+    let (worker, mut client) = proxy_to(args(), &[peer]);
     let answer = ask(&mut client, GET);
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.body, b"hello");
@@ -78,9 +77,7 @@ fn a_peer_that_closes_in_its_answer_head_is_a_502_and_the_client_is_kept() {
         let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Le");
         hang_up(&conn);
     });
-    let mut worker = TestWorker::start(args());
-    worker.route("app.test", "web", &[peer]);
-    let mut client = worker.connect();
+    let (worker, mut client) = proxy_to(args(), &[peer]);
     let answer = ask(&mut client, GET);
     assert_eq!(answer.status, 502, "{answer:?}");
     assert_eq!(states(&worker), ["connecting", "sending", "reading_head"]);
@@ -95,9 +92,7 @@ fn a_peer_that_closes_in_its_answer_body_cuts_the_client_off() {
         let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc");
         hang_up(&conn);
     });
-    let mut worker = TestWorker::start(args());
-    worker.route("app.test", "web", &[peer]);
-    let mut client = worker.connect();
+    let (worker, mut client) = proxy_to(args(), &[peer]);
     client.write_all(GET.as_bytes()).expect("send");
     let mut got = Vec::new();
     let _ = client.read_to_end(&mut got);
@@ -115,10 +110,8 @@ fn a_peer_that_closes_in_its_answer_body_cuts_the_client_off() {
 #[test]
 fn a_refused_connection_goes_to_the_next_peer() {
     let good = backend(|conn| answer_each(conn, "second"));
-    let mut worker = TestWorker::start(args());
     // The first peer is picked first.
-    worker.route("app.test", "web", &[refusing_addr(), good]);
-    let mut client = worker.connect();
+    let (worker, mut client) = proxy_to(args(), &[refusing_addr(), good]);
     let answer = ask(&mut client, GET);
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.body, b"second");
@@ -147,22 +140,19 @@ fn a_peer_that_closes_without_answering_a_post_is_not_retried() {
         hang_up(&conn);
     });
     let good = backend(|conn| answer_each(conn, "second"));
-    let mut worker = TestWorker::start(args());
-    worker.route("app.test", "web", &[closing, good]);
-    let mut client = worker.connect();
+    let (worker, mut client) = proxy_to(args(), &[closing, good]);
     let post = "POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 2\r\n\r\nhi";
     let answer = ask(&mut client, post);
     assert_eq!(answer.status, 502, "it reached the peer: {answer:?}");
     assert_eq!(hits.load(Ordering::SeqCst), 1);
+    assert_eq!(states(&worker), ["connecting", "sending", "reading_head"]);
 }
 
 #[test]
 fn a_declared_body_over_the_limit_is_a_413_before_any_peer() {
     let mut a = args();
     a.limits.client_max_body_size = 10;
-    let mut worker = TestWorker::start(a);
-    worker.route("app.test", "web", &[refusing_addr()]);
-    let mut client = worker.connect();
+    let (worker, mut client) = proxy_to(a, &[refusing_addr()]);
     let answer = ask(
         &mut client,
         "POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 11\r\n\r\n",
@@ -179,9 +169,7 @@ fn a_chunked_body_that_grows_over_the_limit_is_a_413() {
     });
     let mut a = args();
     a.limits.client_max_body_size = 10;
-    let mut worker = TestWorker::start(a);
-    worker.route("app.test", "web", &[peer]);
-    let mut client = worker.connect();
+    let (worker, mut client) = proxy_to(a, &[peer]);
     let answer = ask(
         &mut client,
         "POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n",
@@ -200,9 +188,7 @@ fn a_peer_that_keeps_the_answer_back_is_a_504() {
     });
     let mut a = args();
     a.timeouts.upstream_read_ms = 200;
-    let mut worker = TestWorker::start(a);
-    worker.route("app.test", "web", &[peer]);
-    let mut client = worker.connect();
+    let (worker, mut client) = proxy_to(a, &[peer]);
     let answer = ask(&mut client, GET);
     assert_eq!(answer.status, 504, "{answer:?}");
     assert_eq!(states(&worker), ["connecting", "sending", "reading_head"]);
@@ -220,9 +206,7 @@ fn an_upgrade_answered_with_101_becomes_a_tunnel() {
             let _ = conn.write_all(&buf);
         }
     });
-    let mut worker = TestWorker::start(args());
-    worker.route("app.test", "web", &[peer]);
-    let mut client = worker.connect();
+    let (worker, mut client) = proxy_to(args(), &[peer]);
     client
         .write_all(
             b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
