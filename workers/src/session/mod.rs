@@ -183,27 +183,20 @@ impl Session {
 
     pub fn drive(&mut self, cx: &mut Cx<'_>) -> Drive {
         loop {
-            let step = self.flush_client().and_then(|flushed| {
-                let stepped = match self.phase {
-                    Phase::ReadingHead => self.step_head(cx),
-                    Phase::Exchange(_) => self.step_exchange(cx),
-                    Phase::Closing => {
-                        if self.out_pos >= self.out.len() {
-                            return Ok(None);
-                        }
-                        Ok(false)
-                    }
-                };
-                stepped.map(|p| Some(p || flushed))
-            });
-            match step {
-                Ok(Some(true)) => {}
-                Ok(Some(false)) => break,
-                Ok(None) => return Drive::Close,
-                Err(e) => {
-                    log::debug!("client {}: {e} ({})", self.client_addr, self.phase.name());
-                    return Drive::Close;
-                }
+            let flushed = match self.flush_client() {
+                Ok(p) => p,
+                Err(e) => return self.close_for(e),
+            };
+            let stepped = match self.phase {
+                Phase::ReadingHead => self.step_head(cx),
+                Phase::Exchange(_) => self.step_exchange(cx),
+                Phase::Closing if self.out_pos >= self.out.len() => return Drive::Close,
+                Phase::Closing => Ok(false),
+            };
+            match stepped {
+                Ok(p) if p || flushed => {}
+                Ok(_) => break,
+                Err(e) => return self.close_for(e),
             }
         }
         let reading_head = matches!(self.phase, Phase::ReadingHead) && !self.inbuf.is_empty();
@@ -214,6 +207,11 @@ impl Session {
         };
         self.deadline = self.head_since.unwrap_or(cx.now) + self.timeout(cx.args);
         Drive::Keep
+    }
+
+    fn close_for(&self, e: ProxyError) -> Drive {
+        log::debug!("client {}: {e} ({})", self.client_addr, self.phase.name());
+        Drive::Close
     }
 
     /// The deadline passed: a peer that kept us waiting is a failure (504
