@@ -65,3 +65,25 @@ fn own(fd: RawFd) -> Result<OwnedFd, InheritError> {
     // process owns it, so the `OwnedFd` is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+#[cfg(test)]
+mod tests {
+    /// What the worker relies on instead of a handler of its own: Rust's
+    /// runtime ignores SIGPIPE before `main` (this test binary's, as the
+    /// `elb` binary's), so a write to a vanished peer is an error.
+    #[test]
+    fn the_runtime_ignores_sigpipe() {
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let ignored = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .expect("SigIgn");
+        let sigpipe = nix::sys::signal::Signal::SIGPIPE as u64;
+        assert_ne!(ignored & (1 << (sigpipe - 1)), 0, "SigIgn {ignored:x}");
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        drop(b);
+        let err = std::io::Write::write_all(&mut &a, b"x").expect_err("peer gone");
+        assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+    }
+}
