@@ -1,6 +1,6 @@
 //! `elb`: the master process, and (re-executed as `elb worker`) a worker.
 
-#![forbid(unsafe_op_in_unsafe_fn)]
+#![forbid(unsafe_code)]
 
 mod admin;
 mod etcd;

@@ -7,7 +7,7 @@
 //! safe because only the main thread starts processes. The worker sets its
 //! own parent-death signal and checks that its parent is still this master.
 
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::BorrowedFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -16,31 +16,28 @@ use nix::unistd::Pid;
 
 use elb_workers::WorkerArgs;
 
-/// Starts one worker. Call from the master's main thread only.
-pub fn worker(args: &WorkerArgs) -> std::io::Result<Pid> {
-    let mut fds: Vec<RawFd> = vec![args.shm_fd, args.wake_fd];
-    fds.extend(&args.listen_fds);
+/// Starts one worker. Call from the master's main thread only. `fds` are
+/// the descriptors `args` names by number, borrowed from their owners so
+/// that they stay open for the whole spawn.
+pub fn worker(args: &WorkerArgs, fds: &[BorrowedFd<'_>]) -> std::io::Result<Pid> {
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0("elb-worker")
         .arg("worker")
         .env(elb_workers::args::ENV, args.to_env());
-    set_inheritable(&fds, true)?;
+    set_inheritable(fds, true)?;
     let spawned = cmd.spawn();
-    set_inheritable(&fds, false)?;
+    set_inheritable(fds, false)?;
     // The supervisor reaps by PID with waitpid; the Child handle is not kept.
     Ok(Pid::from_raw(spawned?.id() as i32))
 }
 
-fn set_inheritable(fds: &[RawFd], inheritable: bool) -> std::io::Result<()> {
+fn set_inheritable(fds: &[BorrowedFd<'_>], inheritable: bool) -> std::io::Result<()> {
     let flags = if inheritable {
         FdFlag::empty()
     } else {
         FdFlag::FD_CLOEXEC
     };
-    for &fd in fds {
-        // SAFETY: every fd here is owned by the supervisor, open for the
-        // whole call, and the borrow ends with this statement.
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    for fd in fds {
         fcntl(fd, FcntlArg::F_SETFD(flags))?;
     }
     Ok(())

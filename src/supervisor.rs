@@ -6,7 +6,7 @@
 //! are spawned from this thread only: the parent-death signal that takes
 //! them down with the master is tied to the thread that forked them.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -199,6 +199,15 @@ impl Supervisor {
         0
     }
 
+    /// The descriptors worker `index` inherits, in the order its
+    /// [`WorkerArgs`] names them.
+    fn inherited(&self, index: usize) -> Vec<BorrowedFd<'_>> {
+        let slot = &self.slots[index];
+        let mut fds = vec![self.region.fd(), slot.wake.as_fd()];
+        fds.extend(slot.listeners.iter().map(AsFd::as_fd));
+        fds
+    }
+
     fn worker_args(&self, index: usize) -> WorkerArgs {
         let s = &self.settings;
         let slot = &self.slots[index];
@@ -244,8 +253,9 @@ impl Supervisor {
             if let Some(slot) = self.region.worker_slot(i) {
                 slot.reset(0);
             }
+            let spawned = spawn::worker(&args, &self.inherited(i));
             let slot = &mut self.slots[i];
-            match spawn::worker(&args) {
+            match spawned {
                 Ok(pid) => {
                     slot.pid = Some(pid);
                     slot.started = now;
