@@ -6,6 +6,8 @@ mod admin;
 mod etcd;
 mod listeners;
 mod logging;
+mod peers;
+mod schedule;
 mod settings;
 mod spawn;
 mod store;

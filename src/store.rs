@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use nix::sys::eventfd::EventFd;
 use serde_json::Value;
 
+use crate::peers::{PeerParams, split_host_port};
+use crate::schedule::smooth_wrr_schedule;
 use elb_shm::Region;
 use elb_shm::config::{ConfigError, ConfigWriter};
 use elb_shm::states::Incarnation;
-use elb_workers::balance::smooth_wrr_schedule;
 use elb_workers::published::{PeerRecord, UpstreamRecord, domain_key, upstream_key};
 use elb_workers::rules::RuleSet;
-use elb_workers::upstream::{PeerParams, split_host_port};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use elb_workers::upstream::parse_peer_value;
+use crate::peers::parse_peer_value;
 
 use elb_shm::config::ConfigError;
 

@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use elb_workers::upstream::{PeerParams, parse_peer_value, percent_decode};
+use crate::peers::{PeerParams, parse_peer_value, percent_decode};
 
 /// Which layout a peer came from. The order matters: when both name the
 /// same peer of the same upstream, the `/$NAME/upstreams/` one wins.
@@ -117,7 +117,7 @@ pub enum ValueError {
     #[error("not a JSON rule set: {0}")]
     Rules(String),
     #[error("{0}")]
-    Peer(#[from] elb_workers::upstream::ParamError),
+    Peer(#[from] crate::peers::ParamError),
 }
 
 /// A rule set: JSON, or JSON URI-escaped (decoded only when it does not

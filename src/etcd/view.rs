@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde_json::Value;
 
-use elb_workers::upstream::{PeerParams, split_host_port};
+use crate::peers::{PeerParams, split_host_port};
 
 use super::keys::{KeyKind, Layout, Source, ValueError, parse_peer, parse_rules};
 use crate::store::{Changes, PeerList};

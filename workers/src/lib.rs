@@ -2,15 +2,16 @@
 //! the master passed down, serves HTTP, and follows the configuration the
 //! master publishes in the shared region.
 //!
-//! This crate knows nothing of etcd or the admin API's storage: the master
-//! (`src/`) is the only place where those meet the data plane.
+//! A worker never learns where the configuration comes from: it reads what
+//! the master (`src/`) published in the region, and everything about the
+//! sources, their formats and the admin API's storage stays in the master.
 
 // `unsafe` only where inherited descriptors are adopted (`inherit.rs`).
 #![deny(unsafe_code)]
 
 pub mod access;
 pub mod args;
-pub mod balance;
+mod balance;
 mod event_loop;
 mod health;
 pub mod http;
@@ -24,7 +25,6 @@ mod session;
 #[cfg(test)]
 mod testing;
 mod timers;
-pub mod upstream;
 mod upstream_conn;
 mod view;
 

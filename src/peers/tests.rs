@@ -15,7 +15,6 @@ fn defaults() {
     assert_eq!(d.check_url, None);
     assert_eq!(d.status, "up");
     assert!(d.is_available());
-    assert_eq!(d.fail_timeout_s(), 10);
 }
 
 #[test]
