@@ -1,8 +1,10 @@
 //! The admin API's requests and answers, as pure functions over the store.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::peers::parse_peer_value;
@@ -203,47 +205,65 @@ fn store_error(e: StoreError) -> Answer {
     error(status, e.to_string())
 }
 
+/// One peer as `GET /__erulb__/upstream` shows it. Fields in name order,
+/// as the answer has always listed them.
+#[derive(Serialize)]
+struct PeerView<'a> {
+    addr: String,
+    backup: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    check_url: Option<&'a str>,
+    down: bool,
+    fail_timeout: Seconds,
+    max_fails: u32,
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slow_start: Option<u32>,
+    status: &'a str,
+    weight: u32,
+}
+
+/// Whole seconds as an integer, anything finer as a fraction.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Seconds {
+    Whole(u64),
+    Fraction(f64),
+}
+
 fn get_upstreams(store: &Store) -> Answer {
-    let body: Map<String, Value> = store
+    let body: BTreeMap<&str, Vec<PeerView>> = store
         .upstreams()
         .iter()
         .map(|(name, up)| {
-            let peers: Vec<Value> = up
+            let peers = up
                 .peers
                 .iter()
                 .map(|(peer_name, p)| {
-                    let mut v = json!({
-                        "addr": p.addr.to_string(),
-                        "name": peer_name,
-                        "weight": p.params.weight,
-                        "max_fails": p.params.max_fails,
-                        "fail_timeout": p.params.fail_timeout_ms as f64 / 1000.0,
-                        "backup": p.params.backup,
-                        "down": p.params.down,
-                    });
-                    if let Some(obj) = v.as_object_mut() {
-                        if p.params.fail_timeout_ms % 1000 == 0 {
-                            obj.insert(
-                                "fail_timeout".into(),
-                                json!(p.params.fail_timeout_ms / 1000),
-                            );
-                        }
-                        if let Some(u) = &p.params.check_url {
-                            obj.insert("check_url".into(), json!(u));
-                        }
-                        if p.params.slow_start_s > 0 {
-                            obj.insert("slow_start".into(), json!(p.params.slow_start_s));
-                        }
-                        obj.insert("status".into(), json!(p.params.status));
+                    let ms = p.params.fail_timeout_ms;
+                    PeerView {
+                        addr: p.addr.to_string(),
+                        backup: p.params.backup,
+                        check_url: p.params.check_url.as_deref(),
+                        down: p.params.down,
+                        fail_timeout: if ms.is_multiple_of(1000) {
+                            Seconds::Whole(ms / 1000)
+                        } else {
+                            Seconds::Fraction(ms as f64 / 1000.0)
+                        },
+                        max_fails: p.params.max_fails,
+                        name: peer_name,
+                        slow_start: (p.params.slow_start_s > 0).then_some(p.params.slow_start_s),
+                        status: &p.params.status,
+                        weight: p.params.weight,
                     }
-                    v
                 })
                 .collect();
-            (name.clone(), Value::Array(peers))
+            (name.as_str(), peers)
         })
         .collect();
-    Answer {
-        status: 200,
-        body: Value::Object(body),
+    match serde_json::to_value(body) {
+        Ok(body) => Answer { status: 200, body },
+        Err(e) => error(500, e.to_string()),
     }
 }
