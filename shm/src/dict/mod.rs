@@ -124,6 +124,16 @@ pub struct SetOutcome {
     pub forcible: bool,
 }
 
+/// What [`Dict::check_consistency`] found wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Inconsistency {
+    #[error("cannot lock: {0}")]
+    Lock(DictError),
+    /// The first broken invariant, described.
+    #[error("{0}")]
+    Broken(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DictError {
     #[error("exists")]
@@ -487,10 +497,10 @@ impl Dict<'_> {
     /// Verifies every invariant of the zone under the lock (after the repair
     /// that taking the lock may trigger). For tests.
     #[doc(hidden)]
-    pub fn check_consistency(&self) -> Result<(), String> {
+    pub fn check_consistency(&self) -> Result<(), Inconsistency> {
         match self.with(|z| Ok(z.verify())) {
-            Ok(r) => r,
-            Err(e) => Err(format!("cannot lock: {e}")),
+            Ok(r) => r.map_err(Inconsistency::Broken),
+            Err(e) => Err(Inconsistency::Lock(e)),
         }
     }
 
