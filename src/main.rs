@@ -4,6 +4,7 @@
 
 mod admin;
 mod etcd;
+mod health;
 mod listeners;
 mod logging;
 mod peers;

@@ -5,7 +5,7 @@
 //! here, one at a time (the caller holds the store's mutex), with peers
 //! already resolved ([`resolve_peers`], called before taking the mutex).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::AsFd;
 use std::sync::{Arc, mpsc};
@@ -19,6 +19,7 @@ use crate::schedule::smooth_wrr_schedule;
 use elb_shm::Region;
 use elb_shm::config::{ConfigError, ConfigWriter};
 use elb_shm::states::Incarnation;
+use elb_workers::health::HealthSlot;
 use elb_workers::published::{PeerRecord, UpstreamRecord, domain_key, upstream_key};
 use elb_workers::rules::RuleSet;
 
@@ -40,6 +41,18 @@ pub struct Peer {
     pub addr: SocketAddr,
     pub params: PeerParams,
     slot: Held,
+    /// Added while ELB runs (after the first load), so slow start applies.
+    pub added_live: bool,
+}
+
+impl Peer {
+    /// Where the peer's shared health lives.
+    pub fn health_slot(&self) -> HealthSlot {
+        HealthSlot {
+            index: self.slot.index,
+            incarnation: self.slot.incarnation.bits(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +60,9 @@ pub struct Upstream {
     /// By the name given (`localhost:8088`), in order.
     pub peers: BTreeMap<String, Peer>,
     cursor_slot: u32,
+    /// Peers in slow start, by name: the part of their weight in force, in
+    /// thousandths ([`Store::set_ramps`]).
+    ramps: BTreeMap<String, u32>,
 }
 
 /// An upstream's peers: name as given, parameters.
@@ -88,6 +104,11 @@ pub struct Store {
     domains: BTreeMap<String, Value>,
     upstreams: BTreeMap<String, Upstream>,
     slots: SlotPool,
+    /// True once the first load from etcd is in force: peers added after
+    /// that start slowly.
+    loaded: bool,
+    /// What the health thread last found, by state slot (index).
+    health: HashMap<u32, PeerStatus>,
 }
 
 impl Store {
@@ -99,7 +120,52 @@ impl Store {
             domains: BTreeMap::new(),
             upstreams: BTreeMap::new(),
             slots: SlotPool::new(region.state_slots()),
+            loaded: false,
+            health: HashMap::new(),
         }
+    }
+
+    /// The first load is in force: peers added from now on start slowly.
+    pub fn mark_loaded(&mut self) {
+        self.loaded = true;
+    }
+
+    /// The health thread's findings about a peer, when it has any.
+    pub fn peer_status(&self, peer: &Peer) -> Option<&PeerStatus> {
+        self.health
+            .get(&peer.slot.index)
+            .filter(|s| s.incarnation == peer.slot.incarnation.bits())
+    }
+
+    /// Replaces the health thread's findings.
+    pub fn set_peer_status(&mut self, health: HashMap<u32, PeerStatus>) {
+        self.health = health;
+    }
+
+    /// Puts slow-start weights in force for one upstream (thousandths of
+    /// each named peer's weight; the others at full weight) by publishing
+    /// its schedule anew. Nothing is written when they did not change.
+    pub fn set_ramps(
+        &mut self,
+        name: &str,
+        ramps: BTreeMap<String, u32>,
+    ) -> Result<(), StoreError> {
+        let Some(up) = self.upstreams.get_mut(name) else {
+            return Ok(());
+        };
+        if up.ramps == ramps {
+            return Ok(());
+        }
+        let old = std::mem::replace(&mut up.ramps, ramps);
+        let rec = record(up);
+        if let Err(e) = self.writer.put(&upstream_key(name), &rec) {
+            if let Some(up) = self.upstreams.get_mut(name) {
+                up.ramps = old;
+            }
+            return Err(e.into());
+        }
+        self.publish();
+        Ok(())
     }
 
     pub fn domains(&self) -> &BTreeMap<String, Value> {
@@ -236,6 +302,10 @@ impl Store {
                 break;
             }
             // A peer that stays keeps its state (failures, time out).
+            let kept = old
+                .and_then(|u| u.peers.get(&peer_name))
+                .filter(|p| p.addr == addr);
+            let added_live = kept.map_or(self.loaded, |p| p.added_live);
             let slot = match old.and_then(|u| u.peers.get(&peer_name)) {
                 Some(p) if p.addr == addr => Some(p.slot),
                 Some(p) => {
@@ -246,7 +316,15 @@ impl Store {
             };
             match slot {
                 Some(slot) => {
-                    peers.insert(peer_name, Peer { addr, params, slot });
+                    peers.insert(
+                        peer_name,
+                        Peer {
+                            addr,
+                            params,
+                            slot,
+                            added_live,
+                        },
+                    );
                 }
                 None => complete = false,
             }
@@ -263,9 +341,20 @@ impl Store {
                     .map(|(_, p)| p.slot.index),
             );
         }
+        let ramps = old.map_or_else(BTreeMap::new, |u| {
+            u.ramps
+                .iter()
+                .filter(|(n, _)| peers.contains_key(*n))
+                .map(|(n, r)| (n.clone(), *r))
+                .collect()
+        });
         Ok(Staged {
             name,
-            up: Upstream { peers, cursor_slot },
+            up: Upstream {
+                peers,
+                cursor_slot,
+                ramps,
+            },
             taken,
             retired,
         })
@@ -413,6 +502,22 @@ impl Store {
     }
 }
 
+/// A peer's health as the health thread last found it, for the admin API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStatus {
+    /// The incarnation of the slot this is about.
+    pub incarnation: u32,
+    /// Why the peer is out (`"check"`, `"log"`, `"passive"`, `"down"`), or
+    /// `None` while it takes traffic.
+    pub out_reason: Option<&'static str>,
+    /// The weight the schedule uses now (lower during slow start).
+    pub effective_weight: f64,
+    /// Failed probes in a row.
+    pub fails: u32,
+    /// When the last probe finished, in seconds since the Unix epoch.
+    pub last_check: Option<f64>,
+}
+
 /// An upstream's next state, its new slots taken, not yet in force.
 struct Staged {
     name: String,
@@ -449,14 +554,20 @@ fn record(up: &Upstream) -> Vec<u8> {
             available: p.params.is_available(),
         })
         .collect();
+    // During slow start every weight is in thousandths, so that a ramping
+    // peer's part of its weight is exact enough; the schedule builder
+    // divides by the common factor again.
+    let scale = if up.ramps.is_empty() { 1 } else { 1000 };
     let weights = |backup: bool| -> Vec<u32> {
         up.peers
-            .values()
-            .map(|p| {
-                if p.params.backup == backup && p.params.is_available() {
-                    p.params.weight
-                } else {
-                    0
+            .iter()
+            .map(|(name, p)| {
+                if p.params.backup != backup || !p.params.is_available() {
+                    return 0;
+                }
+                match up.ramps.get(name) {
+                    Some(&part) => (p.params.weight * part).max(1),
+                    None => p.params.weight * scale,
                 }
             })
             .collect()

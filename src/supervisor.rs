@@ -26,7 +26,7 @@ use elb_workers::args::{Limits, RetryPolicy, Timeouts};
 
 use crate::settings::{AdminAddr, Settings};
 use crate::store::Store;
-use crate::{admin, etcd, listeners, spawn};
+use crate::{admin, etcd, health, listeners, spawn};
 
 /// A worker that dies sooner than this after its start counts as crashing.
 const QUICK_EXIT: Duration = Duration::from_secs(2);
@@ -115,6 +115,15 @@ pub fn run(settings: Settings) -> i32 {
         return 1;
     }
     // Like the admin threads, started after the signals are blocked.
+    if let Err(e) = health::start(
+        health::Config::from_settings(&settings),
+        store.clone(),
+        region,
+    ) {
+        log::error!("cannot start the health thread: {e}");
+        let _ = std::fs::remove_dir_all(&private);
+        return 1;
+    }
     if let Err(e) = etcd::start(&settings, store) {
         log::error!("cannot start the etcd client: {e}");
         let _ = std::fs::remove_dir_all(&private);

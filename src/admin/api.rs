@@ -214,9 +214,15 @@ struct PeerView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     check_url: Option<&'a str>,
     down: bool,
+    effective_weight: f64,
     fail_timeout: Seconds,
+    /// Failed probes in a row.
+    fails: u32,
+    healthy: bool,
+    last_check: Option<f64>,
     max_fails: u32,
     name: &'a str,
+    out_reason: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     slow_start: Option<u32>,
     status: &'a str,
@@ -241,18 +247,31 @@ fn get_upstreams(store: &Store) -> Answer {
                 .iter()
                 .map(|(peer_name, p)| {
                     let ms = p.params.fail_timeout_ms;
+                    // Before the health thread first saw the peer: only
+                    // its own parameters say anything.
+                    let health = store.peer_status(p);
+                    let out_reason = match health {
+                        Some(h) => h.out_reason,
+                        None => (!p.params.is_available()).then_some("down"),
+                    };
                     PeerView {
                         addr: p.addr.to_string(),
                         backup: p.params.backup,
                         check_url: p.params.check_url.as_deref(),
                         down: p.params.down,
+                        effective_weight: health
+                            .map_or(f64::from(p.params.weight), |h| h.effective_weight),
                         fail_timeout: if ms.is_multiple_of(1000) {
                             Seconds::Whole(ms / 1000)
                         } else {
                             Seconds::Fraction(ms as f64 / 1000.0)
                         },
+                        fails: health.map_or(0, |h| h.fails),
+                        healthy: out_reason.is_none(),
+                        last_check: health.and_then(|h| h.last_check),
                         max_fails: p.params.max_fails,
                         name: peer_name,
+                        out_reason,
                         slow_start: (p.params.slow_start_s > 0).then_some(p.params.slow_start_s),
                         status: &p.params.status,
                         weight: p.params.weight,

@@ -1,7 +1,15 @@
-//! Passive health of a peer, shared by every worker through the peer's
-//! state slot: `max_fails` failures within `fail_timeout` take the peer out
-//! for `fail_timeout`. Plain atomic operations only: two workers failing at
-//! once may both count, which errs on the side of taking a bad peer out.
+//! A peer's health, shared by every worker and the master through the
+//! peer's state slot:
+//!
+//! * passive health, written by workers: `max_fails` failures within
+//!   `fail_timeout` take the peer out for `fail_timeout`. Plain atomic
+//!   operations only: two workers failing at once may both count, which errs
+//!   on the side of taking a bad peer out;
+//! * the master's verdict ([`PeerHealth::set_checked_out`]): nonzero while
+//!   the active check or the log check has the peer out;
+//! * the answers counter ([`count_answer`]): every answer (or failure to
+//!   get one) adds to it; the master reads it every second for the log
+//!   check.
 //!
 //! Every word is read and written as the incarnation of the slot that the
 //! request's peer record names ([`HealthSlot`]): a request still held by a
@@ -14,9 +22,21 @@ use elb_shm::states::{Incarnation, TaggedWord};
 const FAILS: usize = 0;
 const WINDOW_START: usize = 1;
 const OUT_UNTIL: usize = 2;
+const CHECKED_OUT: usize = 3;
+const ANSWERS: usize = 4;
+
+/// The answers counter holds two wrapping counts of this many bits: all
+/// answers, and those that were errors. The master reads it every second,
+/// long before either count could wrap twice.
+const COUNT_BITS: u32 = 20;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+
+/// What the master's checks say, as stored in [`CHECKED_OUT`].
+pub const OUT_BY_CHECK: u64 = 1;
+pub const OUT_BY_LOG: u64 = 2;
 
 /// Milliseconds on CLOCK_MONOTONIC, the clock every process shares.
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
         .unwrap_or(0)
@@ -25,7 +45,7 @@ pub(crate) fn now_ms() -> u64 {
 /// Where a peer's health lives: its state slot and the incarnation of the
 /// slot the peer was published with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct HealthSlot {
+pub struct HealthSlot {
     pub index: u32,
     pub incarnation: u32,
 }
@@ -39,21 +59,67 @@ impl HealthSlot {
             fails: slot.tagged(FAILS, inc),
             window_start: slot.tagged(WINDOW_START, inc),
             out_until: slot.tagged(OUT_UNTIL, inc),
+            checked_out: slot.tagged(CHECKED_OUT, inc),
+            answers: slot.tagged(ANSWERS, inc),
         })
     }
 }
 
 /// A peer's health words, as one incarnation of its slot sees them.
-pub(crate) struct PeerHealth<'r> {
+pub struct PeerHealth<'r> {
     fails: TaggedWord<'r>,
     window_start: TaggedWord<'r>,
     out_until: TaggedWord<'r>,
+    checked_out: TaggedWord<'r>,
+    answers: TaggedWord<'r>,
 }
 
-/// One load. A slot that now belongs to another incarnation is not out
+impl PeerHealth<'_> {
+    /// Whether passive health has the peer out at `now`.
+    pub fn passively_out(&self, now: u64) -> bool {
+        self.out_until.load().is_some_and(|until| now < until)
+    }
+
+    /// Failures counted in the current passive window.
+    pub fn passive_fails(&self) -> u64 {
+        self.fails.load().unwrap_or(0)
+    }
+
+    /// The master's verdict: [`OUT_BY_CHECK`] and/or [`OUT_BY_LOG`], or 0.
+    /// False when the slot belongs to another incarnation.
+    pub fn set_checked_out(&self, reasons: u64) -> bool {
+        self.checked_out.store(reasons)
+    }
+
+    /// The answers counter: (answers, errors), each wrapping at
+    /// 2^[`COUNT_BITS`]; `None` once the slot belongs to another
+    /// incarnation.
+    pub fn answers(&self) -> Option<(u64, u64)> {
+        self.answers
+            .load()
+            .map(|w| (w & COUNT_MASK, (w >> COUNT_BITS) & COUNT_MASK))
+    }
+}
+
+/// Difference of two readings of a wrapping count of [`COUNT_BITS`] bits.
+pub fn count_delta(earlier: u64, later: u64) -> u64 {
+    later.wrapping_sub(earlier) & COUNT_MASK
+}
+
+/// Two loads. A slot that now belongs to another incarnation is not out
 /// (pick-time callers hold the current incarnation anyway).
 pub(crate) fn is_out(h: &PeerHealth<'_>, now: u64) -> bool {
-    h.out_until.load().is_some_and(|until| now < until)
+    h.passively_out(now) || h.checked_out.load().is_some_and(|v| v != 0)
+}
+
+/// Counts one answer of the peer; `error` for a status >= 400 or no
+/// answer at all (what nginx's log would show as 502 or 504).
+pub(crate) fn count_answer(h: &PeerHealth<'_>, error: bool) {
+    h.answers.update(|w| {
+        let all = (w + 1) & COUNT_MASK;
+        let errors = ((w >> COUNT_BITS) + u64::from(error)) & COUNT_MASK;
+        errors << COUNT_BITS | all
+    });
 }
 
 /// Counts a failure; returns true when it took the peer out. Nothing is

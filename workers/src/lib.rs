@@ -13,7 +13,7 @@ pub mod access;
 pub mod args;
 mod balance;
 mod event_loop;
-mod health;
+pub mod health;
 pub mod http;
 #[allow(unsafe_code)]
 mod inherit;

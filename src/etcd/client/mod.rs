@@ -257,7 +257,9 @@ impl Task {
         let first = self.revision == 0;
         self.revision = revision;
         let (domains, upstreams) = {
-            let store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+            // Peers of the first load start at full weight; later ones slowly.
+            store.mark_loaded();
             (store.domains().len(), store.upstreams().len())
         };
         let took = started.elapsed();

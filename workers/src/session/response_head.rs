@@ -47,6 +47,7 @@ impl Session {
             } else {
                 health::record_success(&slot);
             }
+            health::count_answer(&slot, head.status >= 400);
         }
         let tunnel = head.status == 101 && x.request.upgrade;
         let body = if tunnel {

@@ -127,6 +127,7 @@ impl Session {
             && let Some(slot) = p.health(cx.region)
         {
             health::record_failure(&slot, now, p.max_fails, p.fail_timeout_ms);
+            health::count_answer(&slot, true);
         }
         log::warn!("peer {}: {err}", PeerName(x.peer));
         if retry
