@@ -218,4 +218,30 @@ mod tests {
         record_success(&stale);
         assert!(record_failure(&owner, t + 20_001, 2, 10_000));
     }
+
+    #[test]
+    fn the_masters_verdict_takes_a_peer_out_and_answers_are_counted() {
+        let region = Region::create(1 << 20).expect("region");
+        region.state_slot(6).expect("slot").reset(Incarnation::from_bits(3));
+        let h = health(&region, 6, 3);
+        let t = 1_000_000;
+        assert!(!is_out(&h, t));
+        assert!(h.set_checked_out(OUT_BY_LOG));
+        assert!(is_out(&h, t));
+        assert!(h.set_checked_out(0));
+        assert!(!is_out(&h, t));
+        assert_eq!(h.answers(), Some((0, 0)));
+        count_answer(&h, false);
+        count_answer(&h, true);
+        count_answer(&h, true);
+        assert_eq!(h.answers(), Some((3, 2)));
+        // Another incarnation neither sees nor writes them.
+        let stale = health(&region, 6, 2);
+        assert!(!stale.set_checked_out(OUT_BY_CHECK));
+        count_answer(&stale, true);
+        assert_eq!(stale.answers(), None);
+        assert_eq!(h.answers(), Some((3, 2)));
+        assert!(!is_out(&h, t));
+        assert_eq!(count_delta((1 << COUNT_BITS) - 2, 3), 5);
+    }
 }
