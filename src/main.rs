@@ -14,6 +14,7 @@ mod spawn;
 mod store;
 mod supervisor;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use settings::{Command, SettingsError};
@@ -30,15 +31,9 @@ fn main() -> ExitCode {
             }
         };
     }
-    match settings::from_args_and_env(args, |k| std::env::var(k).ok()) {
-        Ok(Command::Help) => {
-            print!("{}", settings::USAGE);
-            ExitCode::SUCCESS
-        }
-        Ok(Command::Version) => {
-            println!("elb {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
+    match settings::from_args(args) {
+        Ok(Command::Help(text) | Command::Version(text)) => print(&text),
+        Ok(Command::Check(s)) => print(&s.to_string()),
         Ok(Command::Run(s)) => {
             logging::init("master");
             exit(supervisor::run(*s))
@@ -47,6 +42,16 @@ fn main() -> ExitCode {
             eprintln!("elb: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Writes to stdout; a reader that went away (`elb --check | head`) is not
+/// an error worth more than the exit code.
+fn print(text: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
     }
 }
 

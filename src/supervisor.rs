@@ -22,8 +22,8 @@ use nix::unistd::Pid;
 use elb_shm::Region;
 use elb_workers::WorkerArgs;
 use elb_workers::access::Access;
-use elb_workers::args::{Limits, RetryPolicy, Timeouts};
 
+use crate::admin::AdminLimits;
 use crate::settings::{AdminAddr, Settings};
 use crate::store::Store;
 use crate::{admin, etcd, health, listeners, spawn};
@@ -107,8 +107,11 @@ pub fn run(settings: Settings) -> i32 {
         &admin_socket,
         store.clone(),
         access,
-        settings.admin_limits,
-        settings.timeouts.client_header,
+        AdminLimits {
+            max_body: settings.limits.admin_max_body_size,
+            max_connections: settings.admin_max_connections,
+            head_timeout: Duration::from_millis(settings.timeouts.client_header_ms),
+        },
     ) {
         eprintln!("elb: {e}");
         let _ = std::fs::remove_dir_all(&private);
@@ -232,22 +235,9 @@ impl Supervisor {
                 token: s.admin_token.clone(),
             },
             admin_socket: self.admin_socket.clone(),
-            limits: Limits {
-                client_max_body_size: s.limits.client_max_body_size,
-                max_header_size: s.limits.max_header_size as usize,
-                admin_max_body_size: s.admin_limits.max_body_size,
-            },
-            timeouts: Timeouts {
-                connect_ms: ms(s.timeouts.connect),
-                upstream_read_ms: ms(s.timeouts.upstream_read),
-                client_header_ms: ms(s.timeouts.client_header),
-                client_body_ms: ms(s.timeouts.client_body),
-                keepalive_ms: ms(s.timeouts.keepalive),
-            },
-            retry: RetryPolicy {
-                tries: s.upstream.tries,
-                failure_statuses: s.upstream.failure_statuses.clone(),
-            },
+            limits: s.limits.clone(),
+            timeouts: s.timeouts.clone(),
+            retry: s.upstream.clone(),
             shutdown_timeout_ms: ms(s.shutdown_timeout),
         }
     }

@@ -276,3 +276,96 @@ fn env_wins_over_the_file() {
 fn the_file_alone_is_read() {
     workers_from(&TempDir::new("settings"), None, None, 1);
 }
+
+/// `elb --check` with `args` and `env`: exits 0 at once, having printed
+/// the effective settings, one `key = value` per line; returns them.
+fn check(args: &[&str], env: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    let mut all = vec!["--check"];
+    all.extend(args);
+    let f = run_elb(&all, env, EXIT_TIMEOUT);
+    assert_eq!(
+        f.code(),
+        Some(0),
+        "elb {all:?} with {env:?}: {}; stderr:\n{}",
+        f.status,
+        f.stderr
+    );
+    assert!(f.stderr.is_empty(), "stderr:\n{}", f.stderr);
+    f.stdout
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once(" = ").expect("key = value");
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn check_prints_the_effective_settings_flags_over_env_over_file_over_defaults() {
+    let dir = TempDir::new("settings");
+    let file = dir.write(
+        "elb.toml",
+        "workers = 1\nshm_size = \"8m\"\n[etcd]\nname = \"FILE\"\n[timeouts]\nconnect = 7\n",
+    );
+    let path = file.to_str().expect("utf-8 path");
+    let s = check(
+        &["--config", path, "--workers", "3"],
+        &[("ELB_WORKERS", "2"), ("ELBNAME", "ENV")],
+    );
+    assert_eq!(s["workers"], "3", "a flag wins over env and file");
+    assert_eq!(s["etcd.name"], "ENV", "env wins over the file");
+    assert_eq!(
+        s["shm_size"],
+        (8 << 20).to_string(),
+        "the file over defaults"
+    );
+    assert_eq!(s["timeouts.connect"], "7");
+    assert_eq!(s["timeouts.upstream_read"], "30", "a default");
+    let s = check(&["--config", path], &[("ELB_WORKERS", "2")]);
+    assert_eq!(s["workers"], "2");
+    let s = check(&["--config", path], &[]);
+    assert_eq!(s["workers"], "1");
+}
+
+#[test]
+fn check_reads_the_original_environment_names() {
+    let s = check(
+        &[],
+        &[
+            ("ETCD", "http://10.0.0.1:2379, 10.0.0.2:2379"),
+            ("STATSD", "127.0.0.1:8125"),
+        ],
+    );
+    assert_eq!(s["etcd.endpoints"], "10.0.0.1:2379, 10.0.0.2:2379");
+    assert_eq!(s["statsd.address"], "127.0.0.1:8125");
+    let s = check(&[], &[("ETCD_HOST", "10.0.0.3"), ("ETCD_PORT", "4001")]);
+    assert_eq!(s["etcd.endpoints"], "10.0.0.3:4001");
+    let s = check(&[], &[("ELB_ADMIN_ALLOW", "10.0.0.0/8, ::1")]);
+    assert_eq!(s["admin_access.allow"], "10.0.0.0/8, ::1/128");
+}
+
+#[test]
+fn check_refuses_bad_values_with_exit_2_naming_them() {
+    refused(&["--check"], &[("ELB_WORKERS", "lots")], "ELB_WORKERS");
+    refused(
+        &["--check"],
+        &[("ELB_ADMIN_ALLOW", "10.0.0.0/33")],
+        "ELB_ADMIN_ALLOW",
+    );
+    refused(&["--check", "--admin", "unix:"], &[], "--admin");
+    refused(&["--check", "--shm-size", "12q"], &[], "--shm-size");
+}
+
+#[test]
+fn check_binds_nothing() {
+    // Both ports held: a real start would exit 1 naming the address.
+    let proxy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let admin = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (p, a) = (
+        proxy.local_addr().expect("addr").to_string(),
+        admin.local_addr().expect("addr").to_string(),
+    );
+    let s = check(&["--listen", &p, "--admin", &a], &[]);
+    assert_eq!(s["listen"], p);
+    assert_eq!(s["admin"], a);
+}

@@ -5,4 +5,4 @@
 mod api;
 mod server;
 
-pub use server::serve;
+pub use server::{AdminLimits, serve};

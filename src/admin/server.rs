@@ -15,7 +15,7 @@ use elb_workers::http::{self, BodyKind, RequestHead, parse_request};
 
 use elb_workers::access::Access;
 
-use crate::settings::{AdminAddr, AdminLimits};
+use crate::settings::AdminAddr;
 use crate::store::Store;
 
 use super::api;
@@ -30,14 +30,17 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// reserve nothing they do not send.
 const BODY_RESERVE: u64 = 1 << 20;
 
-/// What one admin connection may take.
-#[derive(Clone, Copy)]
-struct ConnLimits {
-    max_body: u64,
+/// What admin clients may cost the master.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    /// A bigger body is answered 413 and read no further.
+    pub max_body: u64,
+    /// Connections served at once, per listener; more wait in its backlog.
+    pub max_connections: usize,
     /// The whole head must arrive within this, counted from when it is
     /// awaited: a client dribbling a head cannot hold one of the
     /// listener's `max_connections` slots for longer.
-    head_timeout: Duration,
+    pub head_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,14 +59,10 @@ pub fn serve(
     store: Arc<Mutex<Store>>,
     access: Access,
     limits: AdminLimits,
-    head_timeout: Duration,
 ) -> Result<(), AdminBindError> {
     let bind_err = |what: String| move |source| AdminBindError { what, source };
     let access = Arc::new(access);
-    let conn = ConnLimits {
-        max_body: limits.max_body_size,
-        head_timeout,
-    };
+    let conn = limits;
     // One budget per listener: a flood on --admin cannot hold up the
     // requests workers forward, nor the other way round.
     let slots = || Arc::new(Slots::new(limits.max_connections));
@@ -156,7 +155,7 @@ fn accept_tcp(
     store: &Arc<Mutex<Store>>,
     access: &Arc<Access>,
     slots: &Arc<Slots>,
-    limits: ConnLimits,
+    limits: AdminLimits,
 ) {
     loop {
         let slot = slots.take();
@@ -179,7 +178,12 @@ fn accept_tcp(
     }
 }
 
-fn accept_unix(l: UnixListener, store: &Arc<Mutex<Store>>, slots: &Arc<Slots>, limits: ConnLimits) {
+fn accept_unix(
+    l: UnixListener,
+    store: &Arc<Mutex<Store>>,
+    slots: &Arc<Slots>,
+    limits: AdminLimits,
+) {
     loop {
         let slot = slots.take();
         let stream = match l.accept() {
@@ -254,7 +258,7 @@ impl Conn for std::os::unix::net::UnixStream {
 }
 
 /// Serves requests on one connection until it closes or errs.
-fn serve_conn(mut stream: impl Conn, store: &Mutex<Store>, gate: &Gate<'_>, limits: ConnLimits) {
+fn serve_conn(mut stream: impl Conn, store: &Mutex<Store>, gate: &Gate<'_>, limits: AdminLimits) {
     if stream.set_write_timeout(IO_TIMEOUT).is_err() {
         return;
     }
