@@ -305,7 +305,10 @@ impl Store {
             let kept = old
                 .and_then(|u| u.peers.get(&peer_name))
                 .filter(|p| p.addr == addr);
-            let added_live = kept.map_or(self.loaded, |p| p.added_live);
+            // A peer joining an upstream that exists, or any peer once the
+            // first load is in force, starts slowly; peers of the first
+            // load, and a new upstream's from the admin API, at once.
+            let added_live = kept.map_or(self.loaded || old.is_some(), |p| p.added_live);
             let slot = match old.and_then(|u| u.peers.get(&peer_name)) {
                 Some(p) if p.addr == addr => Some(p.slot),
                 Some(p) => {

@@ -61,8 +61,11 @@ impl Config {
                 ok_status: h.ok_status.clone(),
                 check_url: h.check_url.clone(),
             }),
-            logcheck: None,
-            panic_threshold: 0,
+            logcheck: settings.logcheck.enable.then_some(LogCheckConfig {
+                interval: settings.logcheck.interval,
+                recover: settings.logcheck.recover,
+            }),
+            panic_threshold: h.panic_threshold,
         }
     }
 }

@@ -1007,6 +1007,7 @@ pub fn connection_refused(addr: SocketAddr) -> bool {
 
 pub mod backend;
 pub mod etcd;
+pub mod health;
 pub mod python;
 pub mod scale;
 

@@ -222,7 +222,10 @@ mod tests {
     #[test]
     fn the_masters_verdict_takes_a_peer_out_and_answers_are_counted() {
         let region = Region::create(1 << 20).expect("region");
-        region.state_slot(6).expect("slot").reset(Incarnation::from_bits(3));
+        region
+            .state_slot(6)
+            .expect("slot")
+            .reset(Incarnation::from_bits(3));
         let h = health(&region, 6, 3);
         let t = 1_000_000;
         assert!(!is_out(&h, t));
