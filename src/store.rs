@@ -142,30 +142,40 @@ impl Store {
         self.health = health;
     }
 
-    /// Puts slow-start weights in force for one upstream (thousandths of
-    /// each named peer's weight; the others at full weight) by publishing
-    /// its schedule anew. Nothing is written when they did not change.
+    /// Puts slow-start weights in force (per upstream, thousandths of each
+    /// named peer's weight; the others at full weight) by writing those
+    /// upstreams' schedules anew, published together. Upstreams whose
+    /// weights did not change are not written; one that does not fit keeps
+    /// its schedule, and the error is returned after the others are in.
     pub fn set_ramps(
         &mut self,
-        name: &str,
-        ramps: BTreeMap<String, u32>,
+        ramps: Vec<(String, BTreeMap<String, u32>)>,
     ) -> Result<(), StoreError> {
-        let Some(up) = self.upstreams.get_mut(name) else {
-            return Ok(());
-        };
-        if up.ramps == ramps {
-            return Ok(());
-        }
-        let old = std::mem::replace(&mut up.ramps, ramps);
-        let rec = record(up);
-        if let Err(e) = self.writer.put(&upstream_key(name), &rec) {
-            if let Some(up) = self.upstreams.get_mut(name) {
-                up.ramps = old;
+        let mut written = false;
+        let mut failed = Ok(());
+        for (name, r) in ramps {
+            let Some(up) = self.upstreams.get_mut(&name) else {
+                continue;
+            };
+            if up.ramps == r {
+                continue;
             }
-            return Err(e.into());
+            let old = std::mem::replace(&mut up.ramps, r);
+            let rec = record(up);
+            match self.writer.put(&upstream_key(&name), &rec) {
+                Ok(()) => written = true,
+                Err(e) => {
+                    if let Some(up) = self.upstreams.get_mut(&name) {
+                        up.ramps = old;
+                    }
+                    failed = Err(e.into());
+                }
+            }
         }
-        self.publish();
-        Ok(())
+        if written {
+            self.publish();
+        }
+        failed
     }
 
     pub fn domains(&self) -> &BTreeMap<String, Value> {

@@ -14,7 +14,7 @@ mod logcheck;
 mod probe;
 mod ramp;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -149,9 +149,11 @@ struct Monitor {
     last_sample: Instant,
     last_logcheck: Instant,
     /// Upstreams whose checks are ignored now (panic).
-    panicking: BTreeMap<String, ()>,
+    panicking: BTreeSet<String>,
+    /// Times an upstream went into panic, since start.
+    panics: u64,
     /// Upstreams that had slow-start weights at the last tick.
-    ramping: BTreeMap<String, ()>,
+    ramping: BTreeSet<String>,
 }
 
 impl Monitor {
@@ -168,8 +170,9 @@ impl Monitor {
             probes: Arc::new(Semaphore::new(MAX_PROBES)),
             last_sample: now,
             last_logcheck: now,
-            panicking: BTreeMap::new(),
-            ramping: BTreeMap::new(),
+            panicking: BTreeSet::new(),
+            panics: 0,
+            ramping: BTreeSet::new(),
         }
     }
 
@@ -214,19 +217,13 @@ impl Monitor {
             let alone = up.peers.values().filter(|p| !p.params.backup).count() <= 1;
             for (name, peer) in &up.peers {
                 let slot = peer.health_slot();
-                let check_url = self.config.check.as_ref().and_then(|c| {
-                    peer.params
-                        .check_url
-                        .as_ref()
-                        .or(c.check_url.as_ref())
-                        .map(|u| {
-                            if u.starts_with('/') {
-                                u.clone()
-                            } else {
-                                format!("/{u}")
-                            }
-                        })
-                });
+                // The URL as configured; made into a path only when it
+                // changes, so that a tick allocates nothing for known peers.
+                let raw_url = self
+                    .config
+                    .check
+                    .as_ref()
+                    .and_then(|c| peer.params.check_url.as_deref().or(c.check_url.as_deref()));
                 let tracked = self
                     .peers
                     .get_mut(&slot.index)
@@ -239,8 +236,8 @@ impl Monitor {
                         t.available = peer.params.is_available();
                         t.weight = peer.params.weight;
                         t.slow_start = Duration::from_secs(u64::from(peer.params.slow_start_s));
-                        if t.check_url != check_url {
-                            t.check_url = check_url;
+                        if !same_url(t.check_url.as_deref(), raw_url) {
+                            t.check_url = raw_url.map(url_path);
                         }
                         if t.check_url.is_none() {
                             t.active = None;
@@ -251,6 +248,7 @@ impl Monitor {
                         }
                     }
                     None => {
+                        let check_url = raw_url.map(url_path);
                         let active = match (&self.config.check, &check_url) {
                             (Some(c), Some(_)) => {
                                 Some(Active::new(now, c.interval, spread(slot.index)))
@@ -413,8 +411,6 @@ impl Monitor {
     /// peer's verdict where the workers read it.
     fn verdicts(&mut self, now: Instant) {
         let now_ms = now_ms();
-        // Per upstream: primaries available, and those passing the checks.
-        let mut counts: BTreeMap<String, (usize, usize)> = BTreeMap::new();
         for t in self.peers.values_mut() {
             if t.answers.out_until.is_some() && !t.answers.is_out(now) {
                 t.answers.out_until = None;
@@ -424,35 +420,39 @@ impl Monitor {
                     t.upstream
                 );
             }
-            if t.primary && t.available {
-                let c = counts.entry(t.upstream.clone()).or_default();
-                c.0 += 1;
-                if !checked_out(t, now) {
-                    c.1 += 1;
-                }
+        }
+        // Per upstream: primaries available, and those passing the checks.
+        let mut counts: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for t in self.peers.values().filter(|t| t.primary && t.available) {
+            let c = counts.entry(t.upstream.as_str()).or_default();
+            c.0 += 1;
+            if !checked_out(t, now) {
+                c.1 += 1;
             }
         }
         let threshold = self.config.panic_threshold;
         for (upstream, &(primaries, passing)) in &counts {
             let panic =
                 threshold > 0 && primaries > 0 && passing * 100 < threshold as usize * primaries;
-            let was = self.panicking.contains_key(upstream);
+            let was = self.panicking.contains(*upstream);
             if panic && !was {
+                self.panics += 1;
                 log::warn!(
-                    "health: upstream {upstream} in panic: {passing} of {primaries} primaries pass their checks, under {threshold}%; ignoring the checks"
+                    "health: upstream {upstream} in panic: {passing} of {primaries} primaries pass their checks, under {threshold}%; ignoring the checks (panic {} since start)",
+                    self.panics
                 );
-                self.panicking.insert(upstream.clone(), ());
+                self.panicking.insert(upstream.to_string());
             } else if !panic && was {
                 log::info!(
                     "health: upstream {upstream} out of panic: {passing} of {primaries} primaries pass"
                 );
-                self.panicking.remove(upstream);
+                self.panicking.remove(*upstream);
             }
         }
-        self.panicking.retain(|u, _| counts.contains_key(u));
+        self.panicking.retain(|u| counts.contains_key(u.as_str()));
         for (&index, t) in &mut self.peers {
             let mut verdict = 0;
-            if !self.panicking.contains_key(&t.upstream) {
+            if !self.panicking.contains(&t.upstream) {
                 if t.active.as_ref().is_some_and(|a| a.out) {
                     verdict |= OUT_BY_CHECK;
                 }
@@ -540,32 +540,61 @@ impl Monitor {
                 },
             );
         }
-        let mut store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
-        let stale: Vec<String> = self
+        // Upstreams that ramped at the last tick and no longer do go back
+        // to their plain weights.
+        let mut changes: Vec<(String, BTreeMap<String, u32>)> = self
             .ramping
-            .keys()
+            .iter()
             .filter(|u| !ramps.contains_key(*u))
-            .cloned()
+            .map(|u| (u.clone(), BTreeMap::new()))
             .collect();
-        for upstream in stale {
-            self.set_ramps(&mut store, &upstream, BTreeMap::new());
-        }
-        self.ramping.clear();
-        for (upstream, r) in ramps {
-            self.set_ramps(&mut store, &upstream, r);
-            self.ramping.insert(upstream, ());
+        self.ramping = ramps.keys().cloned().collect();
+        changes.extend(ramps);
+        let mut store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+        if !changes.is_empty()
+            && let Err(e) = store.set_ramps(changes)
+        {
+            log::warn!("health: cannot publish slow-start weights: {e}");
         }
         store.set_peer_status(status);
     }
+}
 
-    fn set_ramps(&self, store: &mut Store, upstream: &str, ramps: BTreeMap<String, u32>) {
-        if let Err(e) = store.set_ramps(upstream, ramps) {
-            log::warn!("health: cannot publish slow-start weights of {upstream}: {e}");
-        }
+/// A check URL as a request path: a leading `/` added when it lacks one.
+fn url_path(url: &str) -> String {
+    if url.starts_with('/') {
+        url.to_string()
+    } else {
+        format!("/{url}")
+    }
+}
+
+/// Whether `path` is what [`url_path`] makes of `raw`.
+fn same_url(path: Option<&str>, raw: Option<&str>) -> bool {
+    match (path, raw) {
+        (None, None) => true,
+        (Some(p), Some(r)) => p == r || p.strip_prefix('/') == Some(r),
+        _ => false,
     }
 }
 
 /// Out by the active or the log check (before the panic threshold).
 fn checked_out(t: &Tracked, now: Instant) -> bool {
     t.active.as_ref().is_some_and(|a| a.out) || t.answers.is_out(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_urls_are_paths() {
+        assert_eq!(url_path("/health"), "/health");
+        assert_eq!(url_path("health"), "/health");
+        assert!(same_url(Some("/health"), Some("health")));
+        assert!(same_url(Some("/health"), Some("/health")));
+        assert!(!same_url(Some("/health"), Some("/status")));
+        assert!(!same_url(None, Some("/health")));
+        assert!(same_url(None, None));
+    }
 }
