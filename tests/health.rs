@@ -298,6 +298,10 @@ fn the_log_check_takes_out_a_peer_that_mostly_fails_with_two_exceptions() {
         "the bad peer never went out: {}",
         peer(&elb, "one", &bad)
     );
+    eprintln!(
+        "log check: the failing peer out after {:?}",
+        went_out.elapsed()
+    );
     let before = bad.requests();
     send(&elb, "one.test", 20);
     assert_eq!(
