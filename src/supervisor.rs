@@ -175,6 +175,7 @@ fn block_signals() -> nix::Result<SignalFd> {
         Signal::SIGINT,
         Signal::SIGQUIT,
         Signal::SIGHUP,
+        Signal::SIGUSR1,
     ] {
         mask.add(s);
     }
@@ -239,6 +240,7 @@ impl Supervisor {
             timeouts: s.timeouts.clone(),
             retry: s.upstream.clone(),
             shutdown_timeout_ms: ms(s.shutdown_timeout),
+            access_log: s.access_log.clone(),
         }
     }
 
@@ -298,6 +300,12 @@ impl Supervisor {
         while let Ok(Some(info)) = self.signals.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGCHLD) => self.reap(),
+                // As nginx: every worker reopens the access log (rotation).
+                Ok(Signal::SIGUSR1) => {
+                    for pid in self.slots.iter().filter_map(|s| s.pid) {
+                        let _ = kill(pid, Signal::SIGUSR1);
+                    }
+                }
                 Ok(Signal::SIGTERM | Signal::SIGINT) => stop = stop.or(Some(Stop::Graceful)),
                 Ok(Signal::SIGQUIT) => stop = Some(Stop::Now),
                 Ok(Signal::SIGHUP) => {

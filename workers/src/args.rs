@@ -28,6 +28,9 @@ pub struct WorkerArgs {
     pub retry: RetryPolicy,
     /// Graceful stop: how long in-flight requests may take, in ms.
     pub shutdown_timeout_ms: u64,
+    /// The access log's file; none: no access log.
+    #[serde(default)]
+    pub access_log: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

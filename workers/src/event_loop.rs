@@ -16,6 +16,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use slab::Slab;
 
+use crate::access_log::{self, AccessLog};
 use crate::args::WorkerArgs;
 use crate::pool::Pool;
 use crate::route::Router;
@@ -65,6 +66,7 @@ pub(crate) struct Worker {
     headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
     /// Set on SIGTERM/SIGINT: no new connections, exit once idle.
     draining_until: Option<Instant>,
+    log: Option<AccessLog>,
 }
 
 impl Worker {
@@ -95,6 +97,12 @@ impl Worker {
             Interest::READABLE,
         )?;
         let index = args.index;
+        // A log that cannot be opened costs the log, not the traffic.
+        let log = args.access_log.clone().and_then(|path| {
+            AccessLog::open(path.clone())
+                .map_err(|e| log::error!("access log {}: {e}", path.display()))
+                .ok()
+        });
         Ok(Worker {
             args,
             poll,
@@ -110,6 +118,7 @@ impl Worker {
             scratch: vec![0; READ_SIZE],
             headers: Vec::new(),
             draining_until: None,
+            log,
         })
     }
 
@@ -126,7 +135,10 @@ impl Worker {
         );
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self.timers.timeout(Instant::now());
+            let now = Instant::now();
+            let timeout = self.timers.timeout(now).map_or(self.log_due(now), |t| {
+                Some(self.log_due(now).map_or(t, |l| l.min(t)))
+            });
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -141,6 +153,7 @@ impl Worker {
                     WAKE => self.drain_wake(),
                     SIGNALS => {
                         if self.on_signals() {
+                            self.flush_log();
                             return Ok(());
                         }
                     }
@@ -167,6 +180,12 @@ impl Worker {
                 }
             }
             self.expire_timers(Instant::now());
+            if let Some(log) = &mut self.log
+                && log.has_lines()
+                && log.flushed.elapsed() >= access_log::FLUSH_EVERY
+            {
+                log.flush();
+            }
             if let Some(until) = self.draining_until {
                 let idle: Vec<usize> = self
                     .sessions
@@ -179,9 +198,22 @@ impl Worker {
                 }
                 if self.sessions.is_empty() || Instant::now() >= until {
                     log::info!("worker {} stopped", self.args.index);
+                    self.flush_log();
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// How long until the buffered log lines are due, if there are any.
+    fn log_due(&self, now: Instant) -> Option<Duration> {
+        let log = self.log.as_ref().filter(|l| l.has_lines())?;
+        Some((log.flushed + access_log::FLUSH_EVERY).saturating_duration_since(now))
+    }
+
+    fn flush_log(&mut self) {
+        if let Some(log) = &mut self.log {
+            log.flush();
         }
     }
 
@@ -196,6 +228,11 @@ impl Worker {
         while let Ok(Some(info)) = self.signals.read_signal() {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGQUIT) => return true,
+                Ok(Signal::SIGUSR1) => {
+                    if let Some(log) = &mut self.log {
+                        log.reopen();
+                    }
+                }
                 Ok(Signal::SIGTERM | Signal::SIGINT) if self.draining_until.is_none() => {
                     self.draining_until =
                         Some(Instant::now() + Duration::from_millis(self.args.shutdown_timeout_ms));
@@ -267,6 +304,7 @@ impl Worker {
             args: &self.args,
             admin_socket: &self.args.admin_socket,
             now: Instant::now(),
+            log: self.log.as_mut(),
             key,
             scratch: &mut self.scratch,
             headers: &mut self.headers,
@@ -316,10 +354,16 @@ impl Worker {
     }
 }
 
-/// SIGTERM, SIGINT and SIGQUIT, blocked in this thread, as a descriptor.
+/// SIGTERM, SIGINT, SIGQUIT and SIGUSR1 (reopen the access log), blocked
+/// in this thread, as a descriptor.
 fn signal_fd() -> Result<SignalFd, LoopError> {
     let mut mask = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGQUIT] {
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+    ] {
         mask.add(s);
     }
     mask.thread_block().map_err(LoopError::Signals)?;

@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 pub mod access;
+mod access_log;
 pub mod args;
 mod balance;
 mod event_loop;

@@ -195,7 +195,7 @@ fn health_slot(p: &PeerRecord) -> HealthSlot {
 }
 
 /// Path and query (with its `?`) of an origin-form or absolute-form target.
-fn split_target(target: &[u8]) -> (&[u8], &[u8]) {
+pub(crate) fn split_target(target: &[u8]) -> (&[u8], &[u8]) {
     let origin = match target.windows(3).position(|w| w == b"://") {
         Some(i) if !target.starts_with(b"/") => {
             let rest = &target[i + 3..];
@@ -211,7 +211,7 @@ fn split_target(target: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-fn header<'b>(buf: &'b [u8], head: &RequestHead, name: &[u8]) -> Option<&'b [u8]> {
+pub(crate) fn header<'b>(buf: &'b [u8], head: &RequestHead, name: &[u8]) -> Option<&'b [u8]> {
     head.headers
         .iter()
         .find(|(n, _)| buf[n.clone()].eq_ignore_ascii_case(name))

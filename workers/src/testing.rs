@@ -55,6 +55,7 @@ pub(crate) fn args() -> WorkerArgs {
             failure_statuses: vec![502, 503, 504],
         },
         shutdown_timeout_ms: 5_000,
+        access_log: None,
     }
 }
 

@@ -60,9 +60,11 @@ pub fn response(out: &mut Vec<u8>, status: u16, content_type: &str, body: &[u8],
 }
 
 /// Appends the short error page ELB answers with for `status`.
-pub fn error_page(out: &mut Vec<u8>, status: u16, keep_alive: bool) {
+/// Writes a plain-text answer naming the status; returns its body's length.
+pub fn error_page(out: &mut Vec<u8>, status: u16, keep_alive: bool) -> usize {
     let body = format!("{status} {}\n", reason(status));
     response(out, status, "text/plain", body.as_bytes(), keep_alive);
+    body.len()
 }
 
 #[cfg(test)]

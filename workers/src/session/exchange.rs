@@ -79,6 +79,9 @@ pub(super) struct Exchange {
     pub poolable: bool,
     /// The client's connection stays open afterwards.
     pub client_keep: bool,
+    /// Answer body bytes queued for the client (the access log's
+    /// `$body_bytes_sent`).
+    pub sent_body: u64,
 }
 
 impl Exchange {
@@ -105,6 +108,7 @@ impl Exchange {
             decode_chunked: request.http10,
             poolable: true,
             client_keep,
+            sent_body: 0,
         }
     }
 
@@ -203,6 +207,7 @@ impl Exchange {
     /// taken. Bytes past the end of the answer mean a confused peer: they
     /// are dropped and the connection is not reused.
     pub fn relay_answer(&mut self, out: &mut Vec<u8>) -> Result<usize, ChunkError> {
+        let queued = out.len();
         let n = match &mut self.state {
             State::Relaying(body) => body.relay(&self.up_in, out, self.decode_chunked)?,
             State::Tunnel => Body::UntilClose.relay(&self.up_in, out, false)?,
@@ -214,6 +219,7 @@ impl Exchange {
             State::Connecting | State::Sending => return Ok(0),
         };
         self.up_in.drain(..n);
+        self.sent_body += (out.len() - queued) as u64;
         if let State::Relaying(body) = &self.state
             && body.is_done()
         {

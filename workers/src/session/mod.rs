@@ -15,6 +15,7 @@
 mod body;
 mod error;
 mod exchange;
+mod record;
 mod response_head;
 mod retry;
 #[cfg(test)]
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use mio::Registry;
 use mio::net::TcpStream;
 
+use crate::access_log::{AccessLog, Record};
 use crate::args::WorkerArgs;
 use crate::http::{self, BodyKind, parse_request_into};
 use crate::pool::Pool;
@@ -59,6 +61,8 @@ pub(crate) struct Cx<'a> {
     pub args: &'a WorkerArgs,
     pub admin_socket: &'a Path,
     pub now: Instant,
+    /// The access log, when there is one.
+    pub log: Option<&'a mut AccessLog>,
     /// This session's key in the worker's table.
     pub key: usize,
     /// The worker's read buffer: reads land here, then only the bytes read
@@ -119,6 +123,10 @@ pub(crate) struct Session {
     /// When this session times out, and the timer entry that will notice.
     pub deadline: Instant,
     pub armed: Option<Instant>,
+    /// The access log's record of the request in progress, and its copy
+    /// of the head fields (`log.rs`); unused when there is no log.
+    rec: Record,
+    rec_text: Vec<u8>,
 }
 
 impl Session {
@@ -137,6 +145,8 @@ impl Session {
             head_since: None,
             deadline,
             armed: None,
+            rec: Record::default(),
+            rec_text: Vec::new(),
         }
     }
 
@@ -287,12 +297,19 @@ impl Session {
 
     /// Answers here. Keeping the connection needs no unread request body.
     fn answer_local(&mut self, cx: &mut Cx<'_>, status: u16, keep: bool) {
-        if let Phase::Exchange(x) = &mut self.phase
-            && let Some(up) = x.up.take()
-        {
-            cx.pool.release(up);
+        if let Phase::Exchange(x) = &mut self.phase {
+            if let Some(up) = x.up.take() {
+                cx.pool.release(up);
+            }
+            // The peer that failed, for the access log.
+            if let Some(p) = x.peer {
+                self.rec.upstream_addr = Some(p.addr);
+                self.rec.upstream_done = Some(cx.now);
+            }
         }
-        http::write::error_page(&mut self.out, status, keep);
+        let body = http::write::error_page(&mut self.out, status, keep);
+        self.rec.body_bytes = body as u64;
+        self.end_record(cx.log.as_deref_mut(), status, cx.now);
         self.enter(if keep {
             Phase::ReadingHead
         } else {
@@ -329,6 +346,9 @@ impl Session {
         };
         if let Some(slot) = cx.region.worker_slot(cx.args.index) {
             slot.count_request();
+        }
+        if cx.log.is_some() {
+            self.start_record(&head, cx.now);
         }
         let has_body = head.body != BodyKind::None;
         let keep = head.keep_alive;
@@ -429,6 +449,13 @@ impl Session {
         let Phase::Exchange(x) = self.enter(next) else {
             return Ok(false);
         };
+        if cx.log.is_some() {
+            self.rec.upstream_done = Some(cx.now);
+            self.rec.upstream_addr = x.peer.map(|p| p.addr);
+            self.rec.body_bytes = x.sent_body;
+            let status = self.rec.upstream_status.unwrap_or(0);
+            self.end_record(cx.log.as_deref_mut(), status, cx.now);
+        }
         // Keep modest buffers for the next exchange; let big ones go.
         if x.to_up.capacity() <= CHUNK && x.up_in.capacity() <= 2 * CHUNK {
             self.spare = (x.to_up, x.up_in);

@@ -49,6 +49,7 @@ impl Session {
             }
             health::count_answer(&slot, head.status >= 400);
         }
+        self.rec.upstream_status = Some(head.status);
         let tunnel = head.status == 101 && x.request.upgrade;
         let body = if tunnel {
             Body::UntilClose

@@ -70,6 +70,9 @@ impl Session {
         let Phase::Exchange(x) = &mut self.phase else {
             return Ok(false);
         };
+        if self.rec.upstream_started.is_none() {
+            self.rec.upstream_started = Some(cx.now);
+        }
         let conn = match x.peer {
             Some(p) => cx.pool.checkout(p.addr, cx.key, cx.registry, cx.now),
             None => cx.pool.admin(cx.admin_socket, cx.key, cx.registry),

@@ -1,0 +1,65 @@
+//! The session's part of the access log: what a request's line needs,
+//! gathered as the exchange goes, and written when it ends. Nothing here
+//! runs when the access log is off.
+
+use std::time::Instant;
+
+use crate::access_log::{AccessLog, Record};
+use crate::http::RequestHead;
+use crate::route::{header, split_target};
+
+use super::Session;
+
+impl Session {
+    /// Copies the head fields a log line shows, before the head's bytes
+    /// are dropped from the input buffer.
+    pub(super) fn start_record(&mut self, head: &RequestHead, now: Instant) {
+        let buf = &self.inbuf;
+        let text = &mut self.rec_text;
+        text.clear();
+        let mut keep = |v: &[u8]| {
+            let start = text.len();
+            text.extend_from_slice(v);
+            start..text.len()
+        };
+        let target = head.target(buf);
+        let (path, query) = split_target(target);
+        let host = keep(head.host.clone().map_or(&[][..], |r| &buf[r]));
+        let method = keep(head.method(buf));
+        keep(b" ");
+        keep(target);
+        let version = keep(if head.minor_version == 0 {
+            b" HTTP/1.0"
+        } else {
+            b" HTTP/1.1"
+        });
+        let referer = keep(header(buf, head, b"referer").unwrap_or_default());
+        let user_agent = keep(head.user_agent.clone().map_or(&[][..], |r| &buf[r]));
+        let forwarded_for = keep(header(buf, head, b"x-forwarded-for").unwrap_or_default());
+        let uri = keep(path);
+        let args = keep(query.strip_prefix(b"?").unwrap_or(query));
+        let rec = Record {
+            host,
+            request: method.start..version.end,
+            referer,
+            user_agent,
+            forwarded_for,
+            uri,
+            args,
+            started: Some(now),
+            ..Record::default()
+        };
+        self.rec = rec;
+    }
+
+    /// Writes the line of the request in progress, if one is recorded.
+    pub(super) fn end_record(&mut self, log: Option<&mut AccessLog>, status: u16, now: Instant) {
+        let Some(log) = log else { return };
+        if self.rec.started.is_none() {
+            return;
+        }
+        self.rec.status = status;
+        log.write(&self.rec, &self.rec_text, self.client_addr, now);
+        self.rec.started = None;
+    }
+}
