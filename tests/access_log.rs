@@ -162,3 +162,36 @@ fn a_rotation_with_sigusr1_loses_and_splits_no_line() {
         new.len()
     );
 }
+
+#[test]
+fn a_client_that_leaves_before_the_answer_is_logged_499() {
+    let dir = TempDir::new("access-log");
+    let (elb, path, backend) = start(&dir, 1);
+    {
+        let mut c =
+            common::HttpConn::connect(elb.listen_addr(), common::HTTP_TIMEOUT).expect("connect");
+        // Half the body it declares, then gone.
+        c.send(b"POST /upload HTTP/1.1\r\nHost: log.test\r\nContent-Length: 10\r\n\r\n12345")
+            .expect("send");
+        assert!(wait_until(EVENTUALLY, || backend.connections() >= 1));
+    }
+    assert!(
+        wait_until(EVENTUALLY, || lines(&path)
+            .iter()
+            .any(|l| l.contains("/upload"))),
+        "no line for the abandoned request"
+    );
+    let line = lines(&path)
+        .into_iter()
+        .find(|l| l.contains("/upload"))
+        .unwrap_or_default();
+    let c = Regex::new(LINE)
+        .expect("line pattern")
+        .captures(&line)
+        .map(|c| (c[5].to_string(), c[14].to_string(), c[15].to_string()));
+    assert_eq!(
+        c,
+        Some(("499".into(), backend.host_port(), "-".into())),
+        "{line}"
+    );
+}

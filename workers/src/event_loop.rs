@@ -344,10 +344,11 @@ impl Worker {
     }
 
     fn close(&mut self, key: usize) {
-        if let Some(mut session) = self.sessions.try_remove(key)
-            && let Some(up) = session.take_upstream()
-        {
-            self.pool.release(up);
+        if let Some(mut session) = self.sessions.try_remove(key) {
+            session.end_unfinished(self.log.as_mut(), Instant::now());
+            if let Some(up) = session.take_upstream() {
+                self.pool.release(up);
+            }
         }
         // Dropping the session closes the client socket, which also takes
         // it out of epoll: no deregistering call is needed.

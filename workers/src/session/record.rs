@@ -8,7 +8,7 @@ use crate::access_log::{AccessLog, Record};
 use crate::http::RequestHead;
 use crate::route::{header, split_target};
 
-use super::Session;
+use super::{Phase, Session};
 
 impl Session {
     /// Copies the head fields a log line shows, before the head's bytes
@@ -50,6 +50,19 @@ impl Session {
             ..Record::default()
         };
         self.rec = rec;
+    }
+
+    /// The connection closes with a request unfinished: its line says what
+    /// the client got, the peer's status when its answer had begun, else
+    /// 499 (nginx's "client closed the request").
+    pub(crate) fn end_unfinished(&mut self, log: Option<&mut AccessLog>, now: Instant) {
+        if let Phase::Exchange(x) = &self.phase {
+            self.rec.body_bytes = x.sent_body;
+            self.rec.upstream_addr = x.peer.map(|p| p.addr);
+            self.rec.upstream_done = Some(now);
+        }
+        let status = self.rec.upstream_status.unwrap_or(499);
+        self.end_record(log, status, now);
     }
 
     /// Writes the line of the request in progress, if one is recorded.
