@@ -109,6 +109,21 @@ pub struct Store {
     loaded: bool,
     /// What the health thread last found, by state slot (index).
     health: HashMap<u32, PeerStatus>,
+    /// When the master started (the store is made at its start).
+    started: Instant,
+    /// What the etcd thread last said of etcd, for `/status`.
+    etcd: SourceStatus,
+}
+
+/// A configuration source's state, as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SourceStatus {
+    /// `connecting` (never reached yet), `up` or `down`.
+    pub state: &'static str,
+    pub endpoint: String,
+    /// The revision the configuration is at (0 before the first load).
+    pub revision: i64,
+    pub last_error: Option<String>,
 }
 
 impl Store {
@@ -122,7 +137,42 @@ impl Store {
             slots: SlotPool::new(region.state_slots()),
             loaded: false,
             health: HashMap::new(),
+            started: Instant::now(),
+            etcd: SourceStatus {
+                state: "connecting",
+                endpoint: String::new(),
+                revision: 0,
+                last_error: None,
+            },
         }
+    }
+
+    pub fn region(&self) -> &'static Region {
+        self.region
+    }
+
+    /// How long the master has run.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The generation last published.
+    pub fn generation(&self) -> u64 {
+        self.writer.generation()
+    }
+
+    /// The configuration arena: (bytes used, bytes free).
+    pub fn arena_usage(&self) -> (usize, usize) {
+        let free = self.writer.arena_free();
+        (self.region.layout().arena_len.saturating_sub(free), free)
+    }
+
+    pub fn etcd_status(&self) -> &SourceStatus {
+        &self.etcd
+    }
+
+    pub fn set_etcd_status(&mut self, status: SourceStatus) {
+        self.etcd = status;
     }
 
     /// The first load is in force: peers added from now on start slowly.

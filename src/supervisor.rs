@@ -37,6 +37,8 @@ struct Slot {
     started: Instant,
     /// Consecutive quick exits.
     crashes: u32,
+    /// Workers started in this slot so far.
+    starts: u64,
     start_at: Option<Instant>,
     wake: Arc<EventFd>,
     listeners: Vec<OwnedFd>,
@@ -81,6 +83,7 @@ pub fn run(settings: Settings) -> i32 {
             pid: None,
             started: Instant::now(),
             crashes: 0,
+            starts: 0,
             start_at: Some(Instant::now()),
             wake: Arc::new(wake),
             listeners: socks.into_iter().map(OwnedFd::from).collect(),
@@ -252,12 +255,16 @@ impl Supervisor {
             }
             let args = self.worker_args(i);
             if let Some(slot) = self.region.worker_slot(i) {
-                slot.reset(0);
+                let unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                slot.reset(0, unix, self.slots[i].starts);
             }
             let spawned = spawn::worker(&args, &self.inherited(i));
             let slot = &mut self.slots[i];
             match spawned {
                 Ok(pid) => {
+                    slot.starts += 1;
                     slot.pid = Some(pid);
                     slot.started = now;
                     slot.start_at = None;

@@ -10,6 +10,9 @@ use crate::layout::{MAX_WORKERS, SLOT_SIZE};
 const OFF_PID: usize = 0;
 const OFF_APPLIED: usize = 8;
 const OFF_REQUESTS: usize = 16;
+const OFF_CONNECTIONS: usize = 24;
+const OFF_STARTED: usize = 32;
+const OFF_RESTARTS: usize = 40;
 
 /// A view of worker slot `index`.
 pub struct WorkerSlot<'r> {
@@ -32,11 +35,35 @@ impl WorkerSlot<'_> {
         self.mem.u64(off)
     }
 
-    /// Called by the master before it starts a worker in this slot.
-    pub fn reset(&self, pid: u32) {
+    /// Called by the master before it starts a worker in this slot: the
+    /// slot starts afresh, noting when (Unix seconds) and how many workers
+    /// this slot had before.
+    pub fn reset(&self, pid: u32, started: u64, restarts: u64) {
         self.word(OFF_APPLIED).store(0, Ordering::Relaxed);
         self.word(OFF_REQUESTS).store(0, Ordering::Relaxed);
+        self.word(OFF_CONNECTIONS).store(0, Ordering::Relaxed);
+        self.word(OFF_STARTED).store(started, Ordering::Relaxed);
+        self.word(OFF_RESTARTS).store(restarts, Ordering::Relaxed);
         self.word(OFF_PID).store(u64::from(pid), Ordering::Release);
+    }
+
+    /// Client connections the worker holds now.
+    pub fn connections(&self) -> u64 {
+        self.word(OFF_CONNECTIONS).load(Ordering::Relaxed)
+    }
+
+    pub fn set_connections(&self, n: u64) {
+        self.word(OFF_CONNECTIONS).store(n, Ordering::Relaxed);
+    }
+
+    /// When the master started the worker, in Unix seconds.
+    pub fn started(&self) -> u64 {
+        self.word(OFF_STARTED).load(Ordering::Relaxed)
+    }
+
+    /// Workers this slot had before the current one.
+    pub fn restarts(&self) -> u64 {
+        self.word(OFF_RESTARTS).load(Ordering::Relaxed)
     }
 
     pub fn pid(&self) -> u32 {

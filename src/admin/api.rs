@@ -29,7 +29,7 @@ fn ok() -> Answer {
     }
 }
 
-fn error(status: u16, msg: impl Into<String>) -> Answer {
+pub(super) fn error(status: u16, msg: impl Into<String>) -> Answer {
     Answer {
         status,
         body: json!({"error": msg.into()}),
@@ -43,6 +43,7 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
         b"/__erulb__/domain" => Resource::Domain,
         b"/__erulb__/upstream" => Resource::Upstream,
         b"/__erulb__/dump" => Resource::Dump,
+        b"/__erulb__/status" => Resource::Status,
         _ => return error(404, "no such admin path"),
     };
     if let (Resource::Dump, b"PUT") = (&resource, method) {
@@ -79,6 +80,7 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
             Err(e) => e,
         },
         (Resource::Upstream, b"GET") => get_upstreams(&store),
+        (Resource::Status, b"GET") => super::status::answer(&store),
         (Resource::Upstream, b"DELETE") => match names(body) {
             Ok(names) => {
                 let found = store.delete_upstreams(&names);
@@ -102,6 +104,7 @@ enum Resource {
     Domain,
     Upstream,
     Dump,
+    Status,
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, Answer> {

@@ -1,8 +1,9 @@
-//! The admin API (SPEC 4), served by the master: on `--admin` (TCP or a
+//! The admin API, served by the master: on `--admin` (TCP or a
 //! unix socket), and on a private unix socket to which workers forward the
 //! `/__erulb__/` requests they receive on the proxy listeners.
 
 mod api;
 mod server;
+mod status;
 
 pub use server::{AdminLimits, serve};

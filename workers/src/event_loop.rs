@@ -211,6 +211,13 @@ impl Worker {
         Some((log.flushed + access_log::FLUSH_EVERY).saturating_duration_since(now))
     }
 
+    /// The client connections held, in this worker's slot (for `/status`).
+    fn count_connections(&self) {
+        if let Some(slot) = self.region.worker_slot(self.args.index) {
+            slot.set_connections(self.sessions.len() as u64);
+        }
+    }
+
     fn flush_log(&mut self) {
         if let Some(log) = &mut self.log {
             log.flush();
@@ -278,6 +285,7 @@ impl Worker {
                     session.armed = Some(deadline);
                     self.timers.arm(key, deadline);
                     entry.insert(session);
+                    self.count_connections();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -349,6 +357,7 @@ impl Worker {
             if let Some(up) = session.take_upstream() {
                 self.pool.release(up);
             }
+            self.count_connections();
         }
         // Dropping the session closes the client socket, which also takes
         // it out of epoll: no deregistering call is needed.

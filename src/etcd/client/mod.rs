@@ -16,7 +16,9 @@ mod watch;
 use super::keys::{Layout, prefix_end};
 use super::view::{Kv, Outcome, Skipped, View};
 use super::{DumpError, DumpRequest};
-use crate::store::{Changes, ResolvedPeers, Store, StoreError, all_addresses, resolve_peers};
+use crate::store::{
+    Changes, ResolvedPeers, SourceStatus, Store, StoreError, all_addresses, resolve_peers,
+};
 use retry::{Backoff, EtcdError, describe, retry};
 use watch::WatchEnd;
 
@@ -110,6 +112,7 @@ pub(super) async fn run(
         latest: HashMap::new(),
         changes_seen: 0,
     };
+    task.report();
     task.run().await;
 }
 
@@ -138,6 +141,24 @@ impl Task {
         }
     }
 
+    /// Tells the store how etcd stands, for `/status`.
+    fn report(&self) {
+        let status = SourceStatus {
+            state: match self.health {
+                Health::Unknown => "connecting",
+                Health::Up => "up",
+                Health::Down => "down",
+            },
+            endpoint: self.endpoints.clone(),
+            revision: self.revision,
+            last_error: (!self.last_error.is_empty()).then(|| self.last_error.clone()),
+        };
+        self.store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_etcd_status(status);
+    }
+
     /// Notes a failure; logs it only when etcd was not already known down.
     fn lost(&mut self, why: &str) {
         self.last_error = why.to_string();
@@ -150,6 +171,7 @@ impl Task {
         } else {
             log::debug!("etcd: {why}");
         }
+        self.report();
     }
 
     /// Waits out the back-off, answering dumps meanwhile (etcd is down).
@@ -275,6 +297,7 @@ impl Task {
             _ => log::info!("etcd: reloaded at revision {revision}: {changed} keys changed"),
         }
         self.health = Health::Up;
+        self.report();
         Ok(())
     }
 

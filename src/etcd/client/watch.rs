@@ -139,6 +139,7 @@ impl Task {
         }
         let outcome = self.view.apply(events);
         self.apply(outcome);
+        self.report();
         None
     }
 }

@@ -1,0 +1,70 @@
+//! `GET /__erulb__/status`: the instance at a glance: version, uptime, each
+//! worker's counts from its slot in the region, the configuration's
+//! generation and room, and etcd's state.
+
+use serde::Serialize;
+
+use super::api::{Answer, error};
+use crate::store::{SourceStatus, Store};
+
+#[derive(Serialize)]
+struct Status<'a> {
+    version: &'static str,
+    /// Seconds since the master started.
+    uptime: f64,
+    workers: Vec<Worker>,
+    generation: u64,
+    etcd: &'a SourceStatus,
+    region: Region,
+}
+
+#[derive(Serialize)]
+struct Worker {
+    pid: u32,
+    /// Unix seconds.
+    started: u64,
+    requests: u64,
+    active_connections: u64,
+    /// Workers that ran in this slot before this one.
+    restarts: u64,
+}
+
+/// The configuration arena, where rule sets and peer lists live.
+#[derive(Serialize)]
+struct Region {
+    size: usize,
+    used: usize,
+    free: usize,
+}
+
+pub(super) fn answer(store: &Store) -> Answer {
+    let region = store.region();
+    let workers = (0..elb_shm::MAX_WORKERS)
+        .filter_map(|i| region.worker_slot(i))
+        .filter(|s| s.pid() != 0)
+        .map(|s| Worker {
+            pid: s.pid(),
+            started: s.started(),
+            requests: s.requests(),
+            active_connections: s.connections(),
+            restarts: s.restarts(),
+        })
+        .collect();
+    let (used, free) = store.arena_usage();
+    let status = Status {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime: store.uptime().as_millis() as f64 / 1000.0,
+        workers,
+        generation: store.generation(),
+        etcd: store.etcd_status(),
+        region: Region {
+            size: region.layout().size,
+            used,
+            free,
+        },
+    };
+    match serde_json::to_value(status) {
+        Ok(body) => Answer { status: 200, body },
+        Err(e) => error(500, e.to_string()),
+    }
+}
