@@ -41,7 +41,8 @@ pub struct Peer {
     pub addr: SocketAddr,
     pub params: PeerParams,
     slot: Held,
-    /// Added while ELB runs (after the first load), so slow start applies.
+    /// Joined while ELB runs (an existing upstream, or after the first
+    /// load), so slow start applies to it.
     pub added_live: bool,
 }
 
