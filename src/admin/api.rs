@@ -16,23 +16,45 @@ use crate::store::{Store, StoreError, resolve_peers};
 /// How long a dump may take before the API answers 503.
 const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// An answer: status and JSON body.
+/// An answer: status, content type and body.
 pub struct Answer {
     pub status: u16,
-    pub body: Value,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
 }
 
-fn ok() -> Answer {
-    Answer {
-        status: 200,
-        body: json!({"msg": "OK"}),
+impl Answer {
+    /// A JSON answer; a value that does not serialise is a 500.
+    pub(super) fn json(status: u16, body: &impl Serialize) -> Answer {
+        match serde_json::to_vec(body) {
+            Ok(body) => Answer {
+                status,
+                content_type: "application/json",
+                body,
+            },
+            Err(e) => error(500, e.to_string()),
+        }
+    }
+
+    pub(super) fn text(content_type: &'static str, body: String) -> Answer {
+        Answer {
+            status: 200,
+            content_type,
+            body: body.into_bytes(),
+        }
     }
 }
 
+fn ok() -> Answer {
+    Answer::json(200, &json!({"msg": "OK"}))
+}
+
 pub(super) fn error(status: u16, msg: impl Into<String>) -> Answer {
+    let body = json!({"error": msg.into()}).to_string().into_bytes();
     Answer {
         status,
-        body: json!({"error": msg.into()}),
+        content_type: "application/json",
+        body,
     }
 }
 
@@ -44,6 +66,7 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
         b"/__erulb__/upstream" => Resource::Upstream,
         b"/__erulb__/dump" => Resource::Dump,
         b"/__erulb__/status" => Resource::Status,
+        b"/__erulb__/metrics" => Resource::Metrics,
         _ => return error(404, "no such admin path"),
     };
     if let (Resource::Dump, b"PUT") = (&resource, method) {
@@ -61,16 +84,7 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
         return unavailable();
     };
     match (resource, method) {
-        (Resource::Domain, b"GET") => Answer {
-            status: 200,
-            body: Value::Object(
-                store
-                    .domains()
-                    .iter()
-                    .map(|(d, r)| (d.clone(), r.clone()))
-                    .collect(),
-            ),
-        },
+        (Resource::Domain, b"GET") => Answer::json(200, store.domains()),
         (Resource::Domain, b"PUT") => put_domains(&mut store, body),
         (Resource::Domain, b"DELETE") => match names(body) {
             Ok(names) => {
@@ -81,6 +95,7 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
         },
         (Resource::Upstream, b"GET") => get_upstreams(&store),
         (Resource::Status, b"GET") => super::status::answer(&store),
+        (Resource::Metrics, b"GET") => super::metrics::answer(&store),
         (Resource::Upstream, b"DELETE") => match names(body) {
             Ok(names) => {
                 let found = store.delete_upstreams(&names);
@@ -89,10 +104,7 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
                     .zip(found)
                     .map(|(n, f)| (n, if f { Value::Bool(true) } else { json!(404) }))
                     .collect();
-                Answer {
-                    status: 200,
-                    body: Value::Object(body),
-                }
+                Answer::json(200, &body)
             }
             Err(e) => e,
         },
@@ -105,6 +117,7 @@ enum Resource {
     Upstream,
     Dump,
     Status,
+    Metrics,
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, Answer> {
@@ -284,8 +297,5 @@ fn get_upstreams(store: &Store) -> Answer {
             (name.as_str(), peers)
         })
         .collect();
-    match serde_json::to_value(body) {
-        Ok(body) => Answer { status: 200, body },
-        Err(e) => error(500, e.to_string()),
-    }
+    Answer::json(200, &body)
 }

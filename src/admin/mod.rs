@@ -3,6 +3,7 @@
 //! `/__erulb__/` requests they receive on the proxy listeners.
 
 mod api;
+mod metrics;
 mod server;
 mod status;
 

@@ -312,12 +312,11 @@ fn serve_conn(mut stream: impl Conn, store: &Mutex<Store>, gate: &Gate<'_>, limi
         };
         let answer = api::handle(store, head.method(&buf), head.target(&buf), &body);
         out.clear();
-        let text = answer.body.to_string();
         http::write::response(
             &mut out,
             answer.status,
-            "application/json",
-            text.as_bytes(),
+            answer.content_type,
+            &answer.body,
             head.keep_alive,
         );
         if stream.write_all(&out).is_err() || !head.keep_alive {

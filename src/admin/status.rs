@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::api::{Answer, error};
+use super::api::Answer;
 use crate::store::{SourceStatus, Store};
 
 #[derive(Serialize)]
@@ -63,8 +63,5 @@ pub(super) fn answer(store: &Store) -> Answer {
             free,
         },
     };
-    match serde_json::to_value(status) {
-        Ok(body) => Answer { status: 200, body },
-        Err(e) => error(500, e.to_string()),
-    }
+    Answer::json(200, &status)
 }

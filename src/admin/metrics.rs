@@ -1,0 +1,143 @@
+//! `GET /__erulb__/metrics`: what `/status` and the upstream view show, in
+//! the Prometheus text format, written by `prometheus-client` from typed
+//! families (it writes `# HELP`, `# TYPE` and escapes label values).
+//! Each scrape builds a registry from the current values.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use super::api::{Answer, error};
+use crate::store::Store;
+
+/// `prometheus-client` writes the OpenMetrics text format (`# EOF` at the
+/// end, counters as `_total`), which Prometheus reads.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
+    pid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    upstream: String,
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ArenaLabels {
+    state: String,
+}
+
+pub(super) fn answer(store: &Store) -> Answer {
+    let mut registry = Registry::with_prefix("elb");
+
+    let requests = Family::<WorkerLabels, Counter>::default();
+    let connections = Family::<WorkerLabels, Gauge>::default();
+    let restarts = Family::<WorkerLabels, Counter>::default();
+    let region = store.region();
+    for i in 0..elb_shm::MAX_WORKERS {
+        let Some(slot) = region.worker_slot(i).filter(|s| s.pid() != 0) else {
+            continue;
+        };
+        let labels = WorkerLabels {
+            worker: i.to_string(),
+            pid: slot.pid().to_string(),
+        };
+        requests.get_or_create(&labels).inc_by(slot.requests());
+        connections
+            .get_or_create(&labels)
+            .set(i64::try_from(slot.connections()).unwrap_or(i64::MAX));
+        restarts.get_or_create(&labels).inc_by(slot.restarts());
+    }
+    registry.register(
+        "worker_requests",
+        "Requests a worker has read since it started",
+        requests,
+    );
+    registry.register(
+        "worker_active_connections",
+        "Client connections a worker holds now",
+        connections,
+    );
+    registry.register(
+        "worker_restarts",
+        "Workers that ran in this slot before the current one",
+        restarts,
+    );
+
+    let healthy = Family::<PeerLabels, Gauge>::default();
+    let weight = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
+    for (name, up) in store.upstreams() {
+        for (peer_name, p) in &up.peers {
+            let labels = PeerLabels {
+                upstream: name.clone(),
+                peer: peer_name.clone(),
+            };
+            let status = store.peer_status(p);
+            let out = match status {
+                Some(s) => s.out_reason.is_some(),
+                None => !p.params.is_available(),
+            };
+            healthy.get_or_create(&labels).set(i64::from(!out));
+            weight
+                .get_or_create(&labels)
+                .set(status.map_or(f64::from(p.params.weight), |s| s.effective_weight));
+        }
+    }
+    registry.register(
+        "peer_healthy",
+        "1 when the peer takes traffic, 0 when a signal has it out",
+        healthy,
+    );
+    registry.register(
+        "peer_effective_weight",
+        "The weight the peer's schedule uses now (lower during slow start)",
+        weight,
+    );
+
+    let generation = Gauge::<i64>::default();
+    generation.set(i64::try_from(store.generation()).unwrap_or(i64::MAX));
+    registry.register(
+        "config_generation",
+        "The configuration generation last published",
+        generation,
+    );
+    let etcd = store.etcd_status();
+    let etcd_up = Gauge::<i64>::default();
+    etcd_up.set(i64::from(etcd.state == "up"));
+    registry.register("etcd_up", "1 while etcd answers and is watched", etcd_up);
+    let revision = Gauge::<i64>::default();
+    revision.set(etcd.revision);
+    registry.register(
+        "etcd_revision",
+        "The etcd revision the configuration is at",
+        revision,
+    );
+    let arena = Family::<ArenaLabels, Gauge>::default();
+    let (used, free) = store.arena_usage();
+    for (state, bytes) in [("used", used), ("free", free)] {
+        arena
+            .get_or_create(&ArenaLabels {
+                state: state.into(),
+            })
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "config_arena_bytes",
+        "Bytes of the shared region's configuration arena",
+        arena,
+    );
+
+    let mut text = String::new();
+    match encode(&mut text, &registry) {
+        Ok(()) => Answer::text(CONTENT_TYPE, text),
+        Err(e) => error(500, e.to_string()),
+    }
+}
