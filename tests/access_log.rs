@@ -195,3 +195,39 @@ fn a_client_that_leaves_before_the_answer_is_logged_499() {
         "{line}"
     );
 }
+
+#[test]
+fn a_client_that_leaves_while_the_peer_thinks_ends_the_exchange_at_once() {
+    let dir = TempDir::new("access-log");
+    let (elb, path, _backend) = start(&dir, 1);
+    let slow = common::health::HealthBackend::start("slow");
+    // Its `/health` accepts and never answers (for 30 s).
+    slow.hang_health();
+    put_upstreams(elb.admin_addr(), &json!({"slow": {slow.host_port(): ""}}));
+    put_domains(elb.admin_addr(), &json!({"slow.test": to_backend("slow")}));
+    let left = std::time::Instant::now();
+    {
+        let mut c =
+            common::HttpConn::connect(elb.listen_addr(), common::HTTP_TIMEOUT).expect("connect");
+        c.send(b"GET /health HTTP/1.1\r\nHost: slow.test\r\n\r\n")
+            .expect("send");
+        assert!(wait_until(EVENTUALLY, || slow.probes() == 1));
+    }
+    // Logged 499 long before the peer would have answered (30 s).
+    assert!(
+        wait_until(Duration::from_secs(10), || lines(&path)
+            .iter()
+            .any(|l| l.starts_with("slow.test "))),
+        "no line for the abandoned request"
+    );
+    let line = lines(&path)
+        .into_iter()
+        .find(|l| l.starts_with("slow.test "))
+        .unwrap_or_default();
+    eprintln!("logged {:?} after the client left", left.elapsed());
+    let c = Regex::new(LINE)
+        .expect("line pattern")
+        .captures(&line)
+        .map(|c| (c[5].to_string(), c[14].to_string()));
+    assert_eq!(c, Some(("499".into(), slow.host_port())), "{line}");
+}

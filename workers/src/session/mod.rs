@@ -410,6 +410,9 @@ impl Session {
     }
 
     fn step_exchange(&mut self, cx: &mut Cx<'_>) -> Step {
+        if self.client_left(cx)? {
+            return Err(ErrorKind::ClientGone.into());
+        }
         {
             let Phase::Exchange(x) = &mut self.phase else {
                 return Ok(false);
@@ -434,6 +437,22 @@ impl Session {
             return self.finish(cx);
         }
         Ok(progress)
+    }
+
+    /// Whether the client went away while its request waits for the peer's
+    /// answer (as nginx, which then stops the exchange and logs 499; a
+    /// half-close counts too). Checked only once the client's side reported
+    /// its close, so a waiting exchange costs no read; what a pipelining
+    /// client sent meanwhile is kept for its next request.
+    fn client_left(&mut self, cx: &mut Cx<'_>) -> Result<bool, ProxyError> {
+        let Phase::Exchange(x) = &self.phase else {
+            return Ok(false);
+        };
+        if !self.client_hup || x.answered() || !x.req_body.is_done() || x.request.upgrade {
+            return Ok(false);
+        }
+        self.read_client(cx.args.limits.max_header_size + 1, cx.scratch)?;
+        Ok(self.client_eof)
     }
 
     /// The exchange is over: pool the peer connection, go on with the client.
