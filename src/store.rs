@@ -110,6 +110,7 @@ pub struct Store {
     loaded: bool,
     /// What the health thread last found, by state slot (index).
     health: HashMap<u32, PeerStatus>,
+    panics: u64,
     /// When the master started (the store is made at its start).
     started: Instant,
     /// What the etcd thread last said of etcd, for `/status`.
@@ -138,6 +139,7 @@ impl Store {
             slots: SlotPool::new(region.state_slots()),
             loaded: false,
             health: HashMap::new(),
+            panics: 0,
             started: Instant::now(),
             etcd: SourceStatus {
                 state: "connecting",
@@ -188,9 +190,15 @@ impl Store {
             .filter(|s| s.incarnation == peer.slot.incarnation.bits())
     }
 
-    /// Replaces the health thread's findings.
-    pub fn set_peer_status(&mut self, health: HashMap<u32, PeerStatus>) {
+    /// Replaces the health thread's findings, and its count of panics.
+    pub fn set_peer_status(&mut self, health: HashMap<u32, PeerStatus>, panics: u64) {
         self.health = health;
+        self.panics = panics;
+    }
+
+    /// Times an upstream's checks were set aside by the panic threshold.
+    pub fn panics(&self) -> u64 {
+        self.panics
     }
 
     /// Puts slow-start weights in force (per upstream, thousandths of each

@@ -499,6 +499,13 @@ fn the_panic_threshold_keeps_a_site_up_when_every_check_fails() {
             statuses.iter().all(|&s| s == want),
             "panic_threshold {threshold}: {statuses:?}"
         );
+        let metrics =
+            common::backend::admin(elb.admin_addr(), "GET", "/__erulb__/metrics", None).text;
+        let counted = format!("elb_health_panics_total {}", u8::from(threshold > 0));
+        assert!(
+            metrics.lines().any(|l| l == counted),
+            "want {counted}:\n{metrics}"
+        );
         if threshold > 0 {
             assert!(
                 elb.stderr().contains("in panic"),

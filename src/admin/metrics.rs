@@ -135,6 +135,14 @@ pub(super) fn answer(store: &Store) -> Answer {
         arena,
     );
 
+    let panics = Counter::<u64>::default();
+    panics.inc_by(store.panics());
+    registry.register(
+        "health_panics",
+        "Times an upstream's checks were set aside by the panic threshold",
+        panics,
+    );
+
     let mut text = String::new();
     match encode(&mut text, &registry) {
         Ok(()) => Answer::text(CONTENT_TYPE, text),

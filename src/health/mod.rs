@@ -556,7 +556,7 @@ impl Monitor {
         {
             log::warn!("health: cannot publish slow-start weights: {e}");
         }
-        store.set_peer_status(status);
+        store.set_peer_status(status, self.panics);
     }
 }
 
