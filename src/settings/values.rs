@@ -88,7 +88,12 @@ pub(super) fn parse_workers(origin: &str, v: &str) -> Result<usize, SettingsErro
 pub(super) fn parse_shm_size(origin: &str, v: &str) -> Result<usize, SettingsError> {
     let n = parse_size(origin, v)?;
     if elb_shm::Layout::for_size(n as usize).is_none() {
-        return Err(invalid(origin, format!("'{v}' is out of range (1m to 4g)")));
+        return Err(invalid(
+            origin,
+            format!(
+                "'{v}' is out of range (1m to 4g less one byte; 4095m is the largest whole number of MiB)"
+            ),
+        ));
     }
     Ok(n as usize)
 }
