@@ -353,6 +353,8 @@ fn positive(origin: &str, n: &Num) -> Result<Duration, SettingsError> {
     Ok(d)
 }
 
+/// Whole milliseconds, at least 1: a timeout set to a fraction of a
+/// millisecond must not become "no time at all".
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }

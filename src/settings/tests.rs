@@ -178,3 +178,10 @@ fn networks_with_or_without_a_prefix() {
     assert!(parse_network("x", "10.0.0.0/33").is_err());
     assert!(parse_network("x", "nope").is_err());
 }
+
+#[test]
+fn a_timeout_under_a_millisecond_is_one() {
+    let file = File::new("timeouts");
+    let s = run(&["--config", file.with("[timeouts]\nconnect = 0.0001\n")]).expect("ok");
+    assert_eq!(s.timeouts.connect_ms, 1);
+}
