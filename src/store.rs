@@ -20,7 +20,10 @@ use elb_shm::Region;
 use elb_shm::config::{ConfigError, ConfigWriter};
 use elb_shm::states::Incarnation;
 use elb_workers::health::HealthSlot;
-use elb_workers::published::{PeerRecord, UpstreamRecord, domain_key, upstream_key};
+use elb_shm::counters::Counts;
+use elb_workers::published::{
+    DomainRecord, PeerRecord, UpstreamRecord, domain_key, upstream_key,
+};
 use elb_workers::rules::RuleSet;
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +114,8 @@ pub struct Store {
     /// What the health thread last found, by state slot (index).
     health: HashMap<u32, PeerStatus>,
     panics: u64,
+    /// The request counters' entries, by domain.
+    counters: CounterPool,
     /// When the master started (the store is made at its start).
     started: Instant,
     /// What the etcd thread last said of etcd, for `/status`.
@@ -130,6 +135,8 @@ pub struct SourceStatus {
 
 impl Store {
     pub fn new(region: &'static Region, wakes: Vec<Arc<EventFd>>) -> Store {
+        // One wake-up descriptor per worker.
+        let counters = CounterPool::new(region, wakes.len());
         Store {
             writer: ConfigWriter::new(region),
             region,
@@ -140,6 +147,7 @@ impl Store {
             loaded: false,
             health: HashMap::new(),
             panics: 0,
+            counters,
             started: Instant::now(),
             etcd: SourceStatus {
                 state: "connecting",
@@ -152,6 +160,22 @@ impl Store {
 
     pub fn region(&self) -> &'static Region {
         self.region
+    }
+
+    /// A domain's record for the workers, with the counters entry its
+    /// requests count in (taken now when it has none).
+    fn domain_record(&mut self, domain: &str, rules: &Value) -> Vec<u8> {
+        let rec = DomainRecord {
+            counters: self.counters.entry(self.region, domain),
+            rules: rules.clone(),
+        };
+        // A JSON value with a number beside it always serialises.
+        serde_json::to_vec(&rec).unwrap_or_default()
+    }
+
+    /// Each domain's request counts, summed over the workers.
+    pub fn domain_counts(&self) -> Vec<(&str, Counts)> {
+        self.counters.counts(self.region)
     }
 
     /// How long the master has run.
@@ -258,16 +282,23 @@ impl Store {
             .into_iter()
             .map(|(d, r)| (d.to_ascii_lowercase(), r))
             .collect();
-        let records: Vec<(Vec<u8>, String)> = sets
+        let records: Vec<(Vec<u8>, Vec<u8>)> = sets
             .iter()
-            .map(|(d, r)| (domain_key(d), r.to_string()))
+            .map(|(d, r)| (domain_key(d), self.domain_record(d, r)))
             .collect();
         let items: Vec<(&[u8], &[u8])> = records
             .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_bytes()))
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
             .collect();
         // All or nothing: a refused batch leaves nothing staged.
-        self.writer.put_all(&items)?;
+        if let Err(e) = self.writer.put_all(&items) {
+            for (d, _) in &sets {
+                if !self.domains.contains_key(d) {
+                    self.counters.release(d);
+                }
+            }
+            return Err(e.into());
+        }
         self.domains.extend(sets);
         self.publish();
         Ok(())
@@ -280,6 +311,7 @@ impl Store {
             .map(|d| {
                 let d = d.to_ascii_lowercase();
                 self.writer.delete(&domain_key(&d));
+                self.counters.release(&d);
                 self.domains.remove(&d).is_some()
             })
             .collect();
@@ -485,6 +517,7 @@ impl Store {
                 None => {
                     if self.domains.remove(&lower).is_some() {
                         self.writer.delete(&domain_key(&lower));
+                        self.counters.release(&lower);
                         out.changed += 1;
                     }
                 }
@@ -501,9 +534,12 @@ impl Store {
                             })
                     });
                     let written = valid.and_then(|()| {
-                        self.writer
-                            .put(&domain_key(&lower), rules.to_string().as_bytes())
-                            .map_err(StoreError::from)
+                        let record = self.domain_record(&lower, &rules);
+                        let put = self.writer.put(&domain_key(&lower), &record);
+                        if put.is_err() && !self.domains.contains_key(&lower) {
+                            self.counters.release(&lower);
+                        }
+                        put.map_err(StoreError::from)
                     });
                     match written {
                         Ok(()) => {
@@ -748,6 +784,86 @@ pub fn resolve_peers(upstream: &str, peers: PeerList) -> Result<ResolvedPeers, S
         }
     }
     Ok(out)
+}
+
+/// The request counters' entries (`elb_shm::counters`) handed to domains,
+/// one each, while entries last. An entry given back goes to the next new
+/// domain at once, cleared first: a worker still on an older configuration
+/// may add a request of the old domain to it, which is all a late view
+/// costs.
+struct CounterPool {
+    by_domain: HashMap<String, u32>,
+    free: Vec<u32>,
+    next: u32,
+    limit: u32,
+    workers: usize,
+    /// Whether running out was logged already.
+    warned: bool,
+}
+
+impl CounterPool {
+    fn new(region: &Region, workers: usize) -> CounterPool {
+        CounterPool {
+            by_domain: HashMap::new(),
+            free: Vec::new(),
+            next: 0,
+            limit: u32::try_from(region.counter_entries(workers)).unwrap_or(u32::MAX),
+            workers,
+            warned: false,
+        }
+    }
+
+    /// The domain's entry, taken (and cleared) when it has none yet;
+    /// `None` when every entry is taken.
+    fn entry(&mut self, region: &Region, domain: &str) -> Option<u32> {
+        if let Some(&e) = self.by_domain.get(domain) {
+            return Some(e);
+        }
+        let e = self.free.pop().or_else(|| {
+            (self.next < self.limit).then(|| {
+                self.next += 1;
+                self.next - 1
+            })
+        });
+        let Some(e) = e else {
+            if !self.warned {
+                log::warn!(
+                    "request counters full ({} domains): domains set from now on are not counted; raise --shm-size",
+                    self.limit
+                );
+                self.warned = true;
+            }
+            return None;
+        };
+        for w in 0..self.workers {
+            if let Some(c) = region.counters(w, self.workers, e as usize) {
+                c.clear();
+            }
+        }
+        self.by_domain.insert(domain.to_string(), e);
+        Some(e)
+    }
+
+    fn release(&mut self, domain: &str) {
+        if let Some(e) = self.by_domain.remove(domain) {
+            self.free.push(e);
+        }
+    }
+
+    fn counts<'a>(&'a self, region: &Region) -> Vec<(&'a str, Counts)> {
+        self.by_domain
+            .iter()
+            .map(|(d, &e)| {
+                let mut sum = Counts::default();
+                for w in 0..self.workers {
+                    if let Some(c) = region.counters(w, self.workers, e as usize) {
+                        c.add_to(&mut sum);
+                    }
+                }
+                (d.as_str(), sum)
+            })
+            .collect()
+    }
 }
 
 /// A state slot as handed out: which, and which hand-out of it.

@@ -230,6 +230,7 @@ impl Supervisor {
         let ms = |d: Duration| d.as_millis() as u64;
         WorkerArgs {
             index,
+            workers: s.workers,
             master_pid: std::process::id(),
             shm_fd: self.region.fd().as_raw_fd(),
             wake_fd: slot.wake.as_fd().as_raw_fd(),

@@ -31,6 +31,8 @@ pub struct Layout {
     pub log_count: usize,
     pub dict_off: usize,
     pub dict_len: usize,
+    pub counters_off: usize,
+    pub counters_len: usize,
     pub arena_off: usize,
     pub arena_len: usize,
 }
@@ -53,7 +55,10 @@ impl Layout {
         let log_count = (size / 1024).next_power_of_two().min(1 << 16);
         let dict_off = align(log_off + log_count * LOG_ENTRY_SIZE, 4096);
         let dict_len = size / 8;
-        let arena_off = align(dict_off + dict_len, 4096);
+        // Per-worker request counters (`counters.rs`): one sixteenth.
+        let counters_off = align(dict_off + dict_len, 4096);
+        let counters_len = size / 16;
+        let arena_off = align(counters_off + counters_len, 4096);
         let arena_len = size.checked_sub(arena_off)?;
         Some(Layout {
             size,
@@ -66,6 +71,8 @@ impl Layout {
             log_count,
             dict_off,
             dict_len,
+            counters_off,
+            counters_len,
             arena_off,
             arena_len,
         })
@@ -88,7 +95,8 @@ mod tests {
             assert!(l.dir_off >= l.peers_off + l.peers_count * PEER_SIZE);
             assert!(l.log_off >= l.dir_off + l.dir_count * DIR_ENTRY_SIZE);
             assert!(l.dict_off >= l.log_off + l.log_count * LOG_ENTRY_SIZE);
-            assert!(l.arena_off >= l.dict_off + l.dict_len);
+            assert!(l.counters_off >= l.dict_off + l.dict_len);
+            assert!(l.arena_off >= l.counters_off + l.counters_len);
             assert_eq!(l.arena_off + l.arena_len, size);
             assert!(l.arena_len > size / 2, "arena gets most of the region");
         }

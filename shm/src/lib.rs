@@ -22,6 +22,7 @@
 #[allow(unsafe_code)]
 mod atomic_mem;
 pub mod config;
+pub mod counters;
 pub mod dict;
 mod layout;
 mod region;

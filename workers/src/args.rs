@@ -11,6 +11,9 @@ pub const ENV: &str = "ELB_WORKER_ARGS";
 pub struct WorkerArgs {
     /// This worker's slot in the region.
     pub index: usize,
+    /// Workers in all: they share the request counters' zone.
+    #[serde(default = "one")]
+    pub workers: usize,
     /// The master's PID: a worker whose parent is another has been orphaned.
     pub master_pid: u32,
     /// Descriptor of the shared region (memfd).
@@ -68,6 +71,10 @@ pub enum ArgsError {
     Missing,
     #[error("{ENV} is malformed: {0}")]
     Malformed(#[from] serde_json::Error),
+}
+
+fn one() -> usize {
+    1
 }
 
 impl WorkerArgs {

@@ -353,7 +353,7 @@ impl Worker {
 
     fn close(&mut self, key: usize) {
         if let Some(mut session) = self.sessions.try_remove(key) {
-            session.end_unfinished(self.log.as_mut(), Instant::now());
+            session.end_unfinished(self.log.as_mut(), self.region, &self.args, Instant::now());
             if let Some(up) = session.take_upstream() {
                 self.pool.release(up);
             }

@@ -34,6 +34,15 @@ pub fn parse_key(key: &[u8]) -> Option<Key<'_>> {
     }
 }
 
+/// A domain as workers use it: its rule set (JSON as set) and the entry of
+/// the request counters (`elb_shm::counters`) its requests count in; none
+/// when the zone is full.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DomainRecord {
+    pub counters: Option<u32>,
+    pub rules: serde_json::Value,
+}
+
 /// An upstream as workers use it: peers with resolved addresses, the
 /// state slot of each, and the precomputed smooth-WRR schedules.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

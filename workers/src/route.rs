@@ -41,6 +41,8 @@ pub(crate) enum Routed {
 pub(crate) struct Router {
     scratch: Scratch,
     host: Vec<u8>,
+    /// The counters entry of the domain the last request matched.
+    counters: Option<u32>,
 }
 
 /// What routing needs besides the request.
@@ -52,6 +54,11 @@ pub(crate) struct RouteCtx<'a> {
 }
 
 impl Router {
+    /// The counters entry of the domain the last routed request matched.
+    pub fn counters(&self) -> Option<u32> {
+        self.counters
+    }
+
     /// Routes the request whose head is `head` (ranges into `buf`), writing
     /// the head to send upstream into `out` when it is to be proxied.
     pub fn route(
@@ -61,6 +68,7 @@ impl Router {
         head: &RequestHead,
         out: &mut Vec<u8>,
     ) -> Routed {
+        self.counters = None;
         let (path, query) = split_target(head.target(buf));
         if is_admin_path(path) {
             let auth = header(buf, head, b"authorization");
@@ -76,9 +84,10 @@ impl Router {
         self.host.clear();
         self.host
             .extend(buf[host].iter().map(u8::to_ascii_lowercase));
-        let Some(rules) = ctx.view.rules_for(&self.host) else {
+        let Some((rules, counters)) = ctx.view.rules_for(&self.host) else {
             return Routed::Status(404);
         };
+        self.counters = counters;
         let ua = head.user_agent.clone().map(|r| &buf[r]);
         match rules.route(path, ua, &mut self.scratch) {
             Decision::Forbidden => Routed::Status(403),

@@ -29,6 +29,7 @@ const PATIENCE: Duration = Duration::from_secs(10);
 pub(crate) fn args() -> WorkerArgs {
     WorkerArgs {
         index: 0,
+        workers: 1,
         master_pid: std::process::id(),
         shm_fd: -1,
         wake_fd: -1,

@@ -8,7 +8,7 @@ use std::rc::Rc;
 use elb_shm::Region;
 use elb_shm::config::{Change, ConfigReader};
 
-use crate::published::{Key, UpstreamRecord, parse_key};
+use crate::published::{DomainRecord, Key, UpstreamRecord, parse_key};
 use crate::rules::RuleSet;
 
 /// The view and what keeps it current.
@@ -55,7 +55,8 @@ impl Config {
 
 #[derive(Default)]
 pub(crate) struct View {
-    domains: HashMap<Box<[u8]>, RuleSet>,
+    /// By lower-cased domain: the compiled rules and the counters entry.
+    domains: HashMap<Box<[u8]>, (RuleSet, Option<u32>)>,
     /// By name; the name is kept shared so that a request can hold it (for
     /// a retry) without allocating.
     upstreams: HashMap<Box<[u8]>, (Rc<str>, UpstreamRecord)>,
@@ -69,9 +70,15 @@ impl View {
                 self.upstreams.clear();
             }
             Change::Put { key, value } => match parse_key(key) {
-                Some(Key::Domain(d)) => match RuleSet::from_slice(value) {
-                    Ok(rules) => {
-                        self.domains.insert(d.into(), rules);
+                Some(Key::Domain(d)) => match serde_json::from_slice::<DomainRecord>(value)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| {
+                        RuleSet::from_json(&r.rules)
+                            .map(|rules| (rules, r.counters))
+                            .map_err(|e| e.to_string())
+                    }) {
+                    Ok(entry) => {
+                        self.domains.insert(d.into(), entry);
                     }
                     // The master validated it; a failure here is a bug to report,
                     // and the previous rule set stays.
@@ -98,12 +105,16 @@ impl View {
         }
     }
 
-    /// The rule set for a lower-cased host: exact, then without its port.
-    pub fn rules_for(&self, host: &[u8]) -> Option<&RuleSet> {
-        self.domains.get(host).or_else(|| {
-            let without_port = strip_port(host)?;
-            self.domains.get(without_port)
-        })
+    /// The rule set for a lower-cased host (exact, then without its port),
+    /// and the entry its requests count in.
+    pub fn rules_for(&self, host: &[u8]) -> Option<(&RuleSet, Option<u32>)> {
+        self.domains
+            .get(host)
+            .or_else(|| {
+                let without_port = strip_port(host)?;
+                self.domains.get(without_port)
+            })
+            .map(|(rules, counters)| (rules, *counters))
     }
 
     pub fn upstream(&self, name: &[u8]) -> Option<&UpstreamRecord> {

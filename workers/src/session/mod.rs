@@ -127,6 +127,10 @@ pub(crate) struct Session {
     /// of the head fields (`log.rs`); unused when there is no log.
     rec: Record,
     rec_text: Vec<u8>,
+    /// The counters entry the request in progress counts in, until counted,
+    /// and when its head arrived.
+    counting: Option<u32>,
+    started: Instant,
 }
 
 impl Session {
@@ -147,6 +151,8 @@ impl Session {
             armed: None,
             rec: Record::default(),
             rec_text: Vec::new(),
+            counting: None,
+            started: deadline,
         }
     }
 
@@ -307,6 +313,7 @@ impl Session {
                 self.rec.upstream_done = Some(cx.now);
             }
         }
+        self.count(cx.region, cx.args, status, cx.now);
         let body = http::write::error_page(&mut self.out, status, keep);
         self.rec.body_bytes = body as u64;
         self.end_record(cx.log.as_deref_mut(), status, cx.now);
@@ -371,6 +378,8 @@ impl Session {
         to_up.clear();
         up_in.clear();
         let routed = cx.router.route(&rctx, &self.inbuf, &head, &mut to_up);
+        self.counting = cx.router.counters();
+        self.started = cx.now;
         let method = head.method(&self.inbuf);
         let request = Request {
             idempotent: !matches!(method, b"POST" | b"PATCH" | b"LOCK"),
@@ -468,6 +477,8 @@ impl Session {
         let Phase::Exchange(x) = self.enter(next) else {
             return Ok(false);
         };
+        let status = self.rec.upstream_status.unwrap_or(0);
+        self.count(cx.region, cx.args, status, cx.now);
         if cx.log.is_some() {
             self.rec.upstream_done = Some(cx.now);
             self.rec.upstream_addr = x.peer.map(|p| p.addr);

@@ -4,7 +4,10 @@
 
 use std::time::Instant;
 
+use elb_shm::Region;
+
 use crate::access_log::{AccessLog, Record};
+use crate::args::WorkerArgs;
 use crate::http::RequestHead;
 use crate::route::{header, split_target};
 
@@ -52,17 +55,36 @@ impl Session {
         self.rec = rec;
     }
 
-    /// The connection closes with a request unfinished: its line says what
-    /// the client got, the peer's status when its answer had begun, else
-    /// 499 (nginx's "client closed the request").
-    pub(crate) fn end_unfinished(&mut self, log: Option<&mut AccessLog>, now: Instant) {
+    /// The connection closes with a request unfinished: it counts, and its
+    /// line says, what the client got: the peer's status when its answer
+    /// had begun, else 499 (nginx's "client closed the request").
+    pub(crate) fn end_unfinished(
+        &mut self,
+        log: Option<&mut AccessLog>,
+        region: &Region,
+        args: &WorkerArgs,
+        now: Instant,
+    ) {
+        let status = self.rec.upstream_status.unwrap_or(499);
+        self.count(region, args, status, now);
         if let Phase::Exchange(x) = &self.phase {
             self.rec.body_bytes = x.sent_body;
             self.rec.upstream_addr = x.peer.map(|p| p.addr);
             self.rec.upstream_done = Some(now);
         }
-        let status = self.rec.upstream_status.unwrap_or(499);
         self.end_record(log, status, now);
+    }
+
+    /// Counts the request in its domain's entry of this worker's counters,
+    /// once.
+    pub(super) fn count(&mut self, region: &Region, args: &WorkerArgs, status: u16, now: Instant) {
+        let Some(entry) = self.counting.take() else {
+            return;
+        };
+        if let Some(c) = region.counters(args.index, args.workers, entry as usize) {
+            let ms = now.saturating_duration_since(self.started).as_millis();
+            c.count(status, u64::try_from(ms).unwrap_or(u64::MAX));
+        }
     }
 
     /// Writes the line of the request in progress, if one is recorded.
