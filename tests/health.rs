@@ -135,6 +135,28 @@ fn a_failing_check_takes_a_peer_out_and_one_pass_brings_it_back() {
     assert_eq!(peer(&elb, "web", &a)["fails"], 0);
     a.set_health(503);
     wait_reason(&elb, "web", &a, json!("check"), bound + SLACK);
+
+    // Each transition logged once by the master, naming the peer: out
+    // twice (500, 503), back once; still out and failing adds no line.
+    let lines = |word: &str| {
+        elb.stderr()
+            .lines()
+            .filter(|l| l.contains("health") && l.contains(&a.host_port()) && l.contains(word))
+            .count()
+    };
+    assert!(
+        wait_until(SLACK, || lines(" out") >= 2 && lines(" back") >= 1),
+        "transitions not logged: {}",
+        elb.stderr()
+    );
+    let probes = a.probes();
+    assert!(wait_until(secs(INTERVAL * 4.0) + SLACK, || a.probes() >= probes + 2));
+    assert_eq!(
+        (lines(" out"), lines(" back")),
+        (2, 1),
+        "each transition once: {}",
+        elb.stderr()
+    );
 }
 
 #[test]
@@ -207,9 +229,10 @@ fn a_hanging_peer_delays_no_other_probe_and_goes_out_after_its_timeout() {
 fn only_peers_with_a_check_url_are_probed_unless_a_default_is_set() {
     let dir = TempDir::new("health");
     let elb = elb_with(&dir, &check_config(""), 2);
-    let (plain, checked) = (
+    let (plain, checked, alias) = (
         HealthBackend::start("plain"),
         HealthBackend::start("checked"),
+        HealthBackend::start("alias"),
     );
     route(
         &elb,
@@ -218,11 +241,16 @@ fn only_peers_with_a_check_url_are_probed_unless_a_default_is_set() {
         &[
             (&plain, json!("weight=1")),
             (&checked, json!({"check_url": "/health"})),
+            (&alias, json!({"weight": 1, "checkurl": "/health"})),
         ],
     );
-    assert!(wait_until(secs(INTERVAL * 4.0) + SLACK, || checked
-        .probes()
-        >= 3));
+    assert!(
+        wait_until(secs(INTERVAL * 4.0) + SLACK, || checked.probes() >= 3
+            && alias.probes() >= 3),
+        "probes: check_url {}, checkurl {}",
+        checked.probes(),
+        alias.probes()
+    );
     assert_eq!(plain.probes(), 0, "a peer without check_url was probed");
     drop(elb);
 
@@ -594,4 +622,181 @@ fn the_admin_api_shows_each_peers_health() {
     ] {
         assert!(p.get(field).is_some(), "{field} missing: {p}");
     }
+}
+
+#[test]
+fn a_peer_rewritten_in_etcd_keeps_its_health() {
+    let etcd = Etcd::start();
+    let kv = etcd.kv();
+    let dir = TempDir::new("health");
+    let file = dir.write("elb.toml", &check_config(""));
+    let (a, b) = (HealthBackend::start("a"), HealthBackend::start("b"));
+    let key = |x: &HealthBackend| format!("/ELBK/upstreams/web/{}", x.host_port());
+    kv.put("/ELBK/rules/web.test", &rules_to("web"));
+    kv.put(&key(&a), r#"{"weight":1,"check_url":"/health"}"#);
+    kv.put(&key(&b), r#"{"weight":1,"check_url":"/health"}"#);
+    let elb = elb_on(&etcd.endpoints(), "ELBK")
+        .arg("--config")
+        .arg(file.to_str().expect("utf-8 path"))
+        .start();
+    assert!(wait_until(common::EVENTUALLY, || {
+        get(elb.listen_addr(), "web.test", "/", &[]).status == 200
+    }));
+    a.set_health(500);
+    wait_reason(
+        &elb,
+        "web",
+        &a,
+        json!("check"),
+        secs(INTERVAL * 3.0) + SLACK,
+    );
+    // Enough failures in a row that a reset count could not catch up
+    // before the first look after the rewrite.
+    let deep = u64::from(MAX_FAILS) + 3;
+    assert!(wait_until(secs(INTERVAL * 6.0) + SLACK, || {
+        peer(&elb, "web", &a)["fails"].as_u64().unwrap_or(0) >= deep
+    }));
+    kv.put(&key(&a), r#"{"weight":2,"check_url":"/health"}"#);
+    let mut seen = Value::Null;
+    assert!(
+        wait_until(common::EVENTUALLY, || {
+            seen = peer(&elb, "web", &a);
+            seen["weight"] == 2
+        }),
+        "the rewrite never showed: {seen}"
+    );
+    assert_eq!(seen["out_reason"], json!("check"), "{seen}");
+    assert!(seen["fails"].as_u64().unwrap_or(0) >= deep, "{seen}");
+    let before = a.requests();
+    assert!(send(&elb, "web.test", 12).iter().all(|&s| s == 200));
+    assert_eq!(a.requests(), before, "the rewritten peer got requests");
+}
+
+#[test]
+fn peers_of_the_first_load_and_an_only_peer_start_at_full_weight() {
+    let etcd = Etcd::start();
+    let kv = etcd.kv();
+    let dir = TempDir::new("health");
+    let file = dir.write("elb.toml", &check_config(""));
+    let slow = r#"{"weight":2,"slow_start":30,"check_url":"/health"}"#;
+    let key = |up: &str, x: &HealthBackend| format!("/ELBF/upstreams/{up}/{}", x.host_port());
+    let (a, b) = (HealthBackend::start("a"), HealthBackend::start("b"));
+    kv.put("/ELBF/rules/first.test", &rules_to("first"));
+    kv.put(&key("first", &a), slow);
+    kv.put(&key("first", &b), slow);
+    let elb = elb_on(&etcd.endpoints(), "ELBF")
+        .arg("--config")
+        .arg(file.to_str().expect("utf-8 path"))
+        .start();
+    // The weight the schedule uses once the master tracks the peer (it
+    // has probed it), and while it keeps doing so.
+    let probed_weight = |up: &str, x: &HealthBackend| {
+        let mut p = Value::Null;
+        assert!(
+            wait_until(common::EVENTUALLY, || {
+                p = peer(&elb, up, x);
+                p["last_check"].is_f64()
+            }),
+            "{} of {up} never probed: {p}",
+            x.name()
+        );
+        p["effective_weight"].as_f64()
+    };
+    assert_eq!(probed_weight("first", &a), Some(2.0));
+    assert_eq!(probed_weight("first", &b), Some(2.0));
+
+    // A new upstream's only peer, added while running: full weight too.
+    let solo = HealthBackend::start("solo");
+    kv.put("/ELBF/rules/solo.test", &rules_to("solo"));
+    kv.put(&key("solo", &solo), slow);
+    assert_eq!(probed_weight("solo", &solo), Some(2.0));
+
+    // The same value on a peer joining "first" ramps: its weight starts
+    // low (about 2/30 and still under half of it for 15 s).
+    let late = HealthBackend::start("late");
+    kv.put(&key("first", &late), slow);
+    let w = probed_weight("first", &late).unwrap_or(2.0);
+    assert!(w < 1.0, "a peer added live with slow_start 30: weight {w}");
+    for x in [&a, &b] {
+        let p = peer(&elb, "first", x);
+        assert_eq!(p["effective_weight"].as_f64(), Some(2.0), "{p}");
+    }
+}
+
+/// The controllable backend itself, without ELB: statuses switch, requests
+/// are counted and logged, `/health` hangs until released, and dropping it
+/// closes its port.
+#[test]
+fn the_health_backend_does_what_the_tests_tell_it() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    let b = HealthBackend::start("self");
+    let addr: std::net::SocketAddr = b.host_port().parse().expect("address");
+    let status = |path: &str| get(addr, "x.test", path, &[]).status;
+
+    assert_eq!((status("/health"), status("/")), (200, 200));
+    let r = get(addr, "x.test", "/any", &[]);
+    assert_eq!(r.body, b"self");
+    b.set_health(500);
+    b.set_status(503);
+    assert_eq!((status("/health"), status("/")), (500, 503));
+    b.set_health(404);
+    assert_eq!(status("/health"), 404);
+    assert_eq!((b.probes(), b.requests()), (3, 3));
+    let log = b.probe_log();
+    assert!(log.windows(2).all(|w| w[0].0 <= w[1].0));
+    assert!(
+        log[0].1.starts_with("get /health http/1.1\r\n"),
+        "{}",
+        log[0].1
+    );
+    assert!(log[0].1.contains("host: x.test\r\n"), "{}", log[0].1);
+
+    // Keep-alive: two requests on one connection, both answered.
+    let mut conn = TcpStream::connect(addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    conn.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut both = String::new();
+    conn.read_to_string(&mut both).expect("read until close");
+    assert_eq!(both.matches("HTTP/1.1 503 ").count(), 2, "{both}");
+    assert_eq!(b.requests(), 5);
+
+    // A hanging /health: counted, no answer, until released.
+    b.hang_health();
+    let mut hung = TcpStream::connect(addr).expect("connect");
+    hung.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    hung.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut byte = [0u8; 1];
+    let err = hung
+        .read(&mut byte)
+        .expect_err("a hanging /health answered");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{err}"
+    );
+    assert_eq!(b.probes(), 4);
+    // Other paths still answer while /health hangs.
+    assert_eq!(status("/"), 503);
+    b.set_health(200);
+    assert_eq!(status("/health"), 200);
+    // The hung connection is closed without an answer once released.
+    hung.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    hung.read_to_end(&mut rest).expect("closed");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+
+    drop(b);
+    assert!(
+        wait_until(Duration::from_secs(5), || TcpStream::connect(addr).is_err()),
+        "a dropped backend still accepts"
+    );
 }
