@@ -18,12 +18,10 @@ use crate::peers::{PeerParams, split_host_port};
 use crate::schedule::smooth_wrr_schedule;
 use elb_shm::Region;
 use elb_shm::config::{ConfigError, ConfigWriter};
+use elb_shm::counters::Counts;
 use elb_shm::states::Incarnation;
 use elb_workers::health::HealthSlot;
-use elb_shm::counters::Counts;
-use elb_workers::published::{
-    DomainRecord, PeerRecord, UpstreamRecord, domain_key, upstream_key,
-};
+use elb_workers::published::{DomainRecord, PeerRecord, UpstreamRecord, domain_key, upstream_key};
 use elb_workers::rules::RuleSet;
 
 #[derive(Debug, thiserror::Error)]

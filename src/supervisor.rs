@@ -26,7 +26,7 @@ use elb_workers::access::Access;
 use crate::admin::AdminLimits;
 use crate::settings::{AdminAddr, Settings};
 use crate::store::Store;
-use crate::{admin, etcd, health, listeners, spawn};
+use crate::{admin, etcd, health, listeners, spawn, statsd_sender};
 
 /// A worker that dies sooner than this after its start counts as crashing.
 const QUICK_EXIT: Duration = Duration::from_secs(2);
@@ -127,6 +127,18 @@ pub fn run(settings: Settings) -> i32 {
         region,
     ) {
         log::error!("cannot start the health thread: {e}");
+        let _ = std::fs::remove_dir_all(&private);
+        return 1;
+    }
+    if let Some(address) = &settings.statsd
+        && let Err(e) = statsd_sender::start(
+            address,
+            &settings.name,
+            settings.statsd_flush_interval,
+            store.clone(),
+        )
+    {
+        log::error!("cannot start the statsd sender: {e}");
         let _ = std::fs::remove_dir_all(&private);
         return 1;
     }

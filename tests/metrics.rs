@@ -120,3 +120,50 @@ fn metrics_parse_and_count_exactly() {
     // Every family is typed.
     assert!(samples.iter().all(|s| s[1].is_string()), "{samples:?}");
 }
+
+#[test]
+fn domain_counts_are_exact_and_survive_a_killed_worker() {
+    let elb = Elb::builder().workers(2).start();
+    let backend = Backend::start("a");
+    put_upstreams(elb.admin_addr(), &json!({"web": {backend.host_port(): ""}}));
+    put_domains(elb.admin_addr(), &json!({"d.test": to_backend("web")}));
+    for _ in 0..12 {
+        assert_eq!(get(elb.listen_addr(), "d.test", "/", &[]).status, 200);
+    }
+    let class = |samples: &[Value], c: &str| {
+        samples
+            .iter()
+            .filter(|s| {
+                s[2] == "elb_domain_requests_total"
+                    && s[3]["domain"] == "d.test"
+                    && s[3]["class"] == c
+            })
+            .filter_map(|s| s[4].as_f64())
+            .sum::<f64>()
+    };
+    assert!(
+        wait_until(EVENTUALLY, || class(&scrape(&elb), "2xx") == 12.0),
+        "{:?}",
+        scrape(&elb)
+    );
+    assert_eq!(class(&scrape(&elb), "5xx"), 0.0);
+    // The worker that served the most: what it counted must survive it.
+    let status = common::backend::admin_get(elb.admin_addr(), "/__erulb__/status");
+    let victim = status["workers"]
+        .as_array()
+        .and_then(|ws| ws.iter().max_by_key(|w| w["requests"].as_u64()))
+        .filter(|w| w["requests"].as_u64() > Some(1))
+        .and_then(|w| w["pid"].as_i64())
+        .expect("a worker that served requests") as i32;
+    common::signal(victim, nix::sys::signal::Signal::SIGKILL);
+    assert!(wait_until(EVENTUALLY, || {
+        let w = elb.workers();
+        w.len() == 2 && !w.contains(&victim)
+    }));
+    // What the dead worker counted is still there; the new one adds on.
+    assert_eq!(class(&scrape(&elb), "2xx"), 12.0);
+    for _ in 0..3 {
+        assert_eq!(get(elb.listen_addr(), "d.test", "/", &[]).status, 200);
+    }
+    assert!(wait_until(EVENTUALLY, || class(&scrape(&elb), "2xx") == 15.0));
+}

@@ -75,7 +75,10 @@ impl Counters<'_> {
     pub fn count(&self, status: u16, cost_ms: u64) {
         self.word(REQUESTS).fetch_add(1, Ordering::Relaxed);
         self.word(COST_MS).fetch_add(cost_ms, Ordering::Relaxed);
-        if let Some(class) = (usize::from(status / 100)).checked_sub(1).filter(|c| *c < 5) {
+        if let Some(class) = (usize::from(status / 100))
+            .checked_sub(1)
+            .filter(|c| *c < 5)
+        {
             self.word(CLASSES + class).fetch_add(1, Ordering::Relaxed);
         }
         for i in FIRST_CODE..WORDS {

@@ -31,6 +31,17 @@ struct PeerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainClassLabels {
+    domain: String,
+    class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainLabels {
+    domain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ArenaLabels {
     state: String,
 }
@@ -70,6 +81,34 @@ pub(super) fn answer(store: &Store) -> Answer {
         "worker_restarts",
         "Workers that ran in this slot before the current one",
         restarts,
+    );
+
+    let by_class = Family::<DomainClassLabels, Counter>::default();
+    let seconds = Family::<DomainLabels, Counter<f64, AtomicU64>>::default();
+    for (domain, counts) in store.domain_counts() {
+        for (i, n) in counts.classes.iter().enumerate() {
+            by_class
+                .get_or_create(&DomainClassLabels {
+                    domain: domain.to_string(),
+                    class: format!("{}xx", i + 1),
+                })
+                .inc_by(*n);
+        }
+        seconds
+            .get_or_create(&DomainLabels {
+                domain: domain.to_string(),
+            })
+            .inc_by(counts.cost_ms as f64 / 1000.0);
+    }
+    registry.register(
+        "domain_requests",
+        "Requests for a domain, by the status class of their answers",
+        by_class,
+    );
+    registry.register(
+        "domain_request_seconds",
+        "Time spent on a domain's requests, from head to answer, in all",
+        seconds,
     );
 
     let healthy = Family::<PeerLabels, Gauge>::default();
