@@ -47,14 +47,18 @@ fn route(elb: &Elb, name: &str, host: &str, peers: &[(&HealthBackend, Value)]) {
     put_domains(elb.admin_addr(), &json!({ host: to_backend(name) }));
 }
 
-/// The admin API's view of one peer.
-fn peer(elb: &Elb, upstream: &str, b: &HealthBackend) -> Value {
+/// The admin API's view of one peer, if the upstream has it (yet).
+fn try_peer(elb: &Elb, upstream: &str, b: &HealthBackend) -> Option<Value> {
     let ups = admin_get(elb.admin_addr(), "/__erulb__/upstream");
     ups[upstream]
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["name"] == b.host_port().as_str()))
         .cloned()
-        .unwrap_or_else(|| panic!("no peer {} in {upstream}: {ups}", b.host_port()))
+}
+
+/// The admin API's view of one peer the upstream has.
+fn peer(elb: &Elb, upstream: &str, b: &HealthBackend) -> Value {
+    try_peer(elb, upstream, b).unwrap_or_else(|| panic!("no peer {} in {upstream}", b.host_port()))
 }
 
 fn out_reason(elb: &Elb, upstream: &str, b: &HealthBackend) -> Value {
@@ -694,7 +698,8 @@ fn peers_of_the_first_load_and_an_only_peer_start_at_full_weight() {
         let mut p = Value::Null;
         assert!(
             wait_until(common::EVENTUALLY, || {
-                p = peer(&elb, up, x);
+                // An etcd put reaches the store a moment later.
+                p = try_peer(&elb, up, x).unwrap_or(Value::Null);
                 p["last_check"].is_f64()
             }),
             "{} of {up} never probed: {p}",
