@@ -19,7 +19,7 @@ use nix::sys::signal::Signal;
 use crate::access::Access;
 use crate::args::{Limits, RetryPolicy, Timeouts, WorkerArgs};
 use crate::event_loop::{Resources, Worker};
-use crate::published::{PeerRecord, UpstreamRecord, domain_key, upstream_key};
+use crate::published::{DomainRecord, PeerRecord, UpstreamRecord, domain_key, upstream_key};
 
 const REGION_SIZE: usize = 4 << 20;
 /// How long a test waits for any one answer before it fails.
@@ -129,16 +129,16 @@ impl TestWorker {
             backup_schedule: Vec::new(),
             peers,
         };
-        let rules = serde_json::json!({"init": "r1", "rules": {
-            "r1": {"type": "backend", "args": {"servername": name}}
-        }});
+        let domain = DomainRecord {
+            counters: Some(0),
+            rules: serde_json::json!({"init": "r1", "rules": {
+                "r1": {"type": "backend", "args": {"servername": name}}
+            }}),
+        };
         let record = serde_json::to_vec(&record).expect("record");
-        let rules = rules.to_string();
+        let domain = serde_json::to_vec(&domain).expect("domain record");
         self.writer
-            .put_all(&[
-                (&upstream_key(name), &record),
-                (&domain_key(host), rules.as_bytes()),
-            ])
+            .put_all(&[(&upstream_key(name), &record), (&domain_key(host), &domain)])
             .expect("configuration fits");
         self.writer.publish();
         self.wake.write(1).expect("wake");
