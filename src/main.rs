@@ -11,6 +11,7 @@ mod peers;
 mod schedule;
 mod settings;
 mod spawn;
+mod stats;
 mod statsd_sender;
 mod store;
 mod supervisor;

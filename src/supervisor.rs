@@ -26,7 +26,7 @@ use elb_workers::access::Access;
 use crate::admin::AdminLimits;
 use crate::settings::{AdminAddr, Settings};
 use crate::store::Store;
-use crate::{admin, etcd, health, listeners, spawn, statsd_sender};
+use crate::{admin, etcd, health, listeners, spawn, stats, statsd_sender};
 
 /// A worker that dies sooner than this after its start counts as crashing.
 const QUICK_EXIT: Duration = Duration::from_secs(2);
@@ -127,6 +127,11 @@ pub fn run(settings: Settings) -> i32 {
         region,
     ) {
         log::error!("cannot start the health thread: {e}");
+        let _ = std::fs::remove_dir_all(&private);
+        return 1;
+    }
+    if let Err(e) = stats::start(store.clone()) {
+        log::error!("cannot start the statistics thread: {e}");
         let _ = std::fs::remove_dir_all(&private);
         return 1;
     }

@@ -119,6 +119,32 @@ fn metrics_parse_and_count_exactly() {
     assert!(arena["used"] > 0.0 && arena["free"] > 0.0, "{samples:?}");
     // Every family is typed.
     assert!(samples.iter().all(|s| s[1].is_string()), "{samples:?}");
+
+    // Each of the 30 answers is in the upstream's response-time histogram,
+    // in buckets that only grow up to `+Inf`.
+    let count = values(&samples, "elb_upstream_response_seconds_count", "upstream");
+    assert_eq!(count.get("web"), Some(&30.0), "{samples:?}");
+    let buckets: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|s| s[2] == "elb_upstream_response_seconds_bucket" && s[3]["upstream"] == "web")
+        .map(|s| {
+            let le = s[3]["le"].as_str().unwrap_or_default();
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::NAN)
+            };
+            (bound, s[4].as_f64().unwrap_or(f64::NAN))
+        })
+        .collect();
+    assert_eq!(buckets.len(), 14, "{buckets:?}");
+    assert!(
+        buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        "{buckets:?}"
+    );
+    assert_eq!(buckets.last(), Some(&(f64::INFINITY, 30.0)));
 }
 
 #[test]

@@ -1,15 +1,21 @@
-//! Request counters, per worker and per domain: each worker counts into
-//! entries of its own (single writer, plain atomic adds, no lock shared
-//! with any other process), the master sums them. A worker that dies loses
-//! no count it made; a new worker in its slot goes on adding to the same
-//! entries.
+//! Request counters, per worker: each worker counts into entries of its
+//! own (single writer, plain atomic adds, no lock shared with any other
+//! process), the master sums them. A worker that dies loses no count it
+//! made; a new worker in its slot goes on adding to the same entries.
 //!
 //! The zone is cut in one part per worker, so the number of entries each
 //! worker has depends on how many workers share the zone
-//! ([`Region::counter_entries`]). An entry is [`ENTRY`] bytes: requests,
-//! the sum of request times in milliseconds, the five status classes, and
-//! [`CODES`] cells of (status, count) that the worker claims as statuses
-//! first appear; statuses past those are in their class only.
+//! ([`Region::counter_entries`]). The master hands each entry to one thing
+//! that is counted, the same entry in every worker's part, and reads it as
+//! one of two kinds:
+//!
+//! * [`Counters`], for a domain (request times) or an upstream peer (its
+//!   response times): requests, the sum of times in milliseconds, the five
+//!   status classes, and [`CODES`] cells of (status, count) that the worker
+//!   claims as statuses first appear; statuses past those are in their
+//!   class only;
+//! * [`Histogram`], for an upstream: its peers' response times, counted in
+//!   buckets of [`BOUNDS_MS`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -127,6 +133,60 @@ impl Counters<'_> {
     }
 }
 
+/// Upper bounds, in milliseconds, of a [`Histogram`]'s buckets; a last
+/// bucket takes what is slower.
+pub const BOUNDS_MS: [u64; 13] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000,
+];
+const OBSERVED: usize = 0;
+const SUM_MS: usize = 1;
+const FIRST_BUCKET: usize = 2;
+const _: () = assert!(FIRST_BUCKET + BOUNDS_MS.len() < WORDS);
+
+/// One worker's response-time histogram for one upstream.
+#[derive(Clone, Copy)]
+pub struct Histogram<'r> {
+    mem: Mem<'r>,
+}
+
+/// What a histogram (or a sum of them) holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub count: u64,
+    pub sum_ms: u64,
+    /// Per bucket of [`BOUNDS_MS`], then the slower ones; not cumulative.
+    pub buckets: [u64; BOUNDS_MS.len() + 1],
+}
+
+impl Region {
+    /// Worker `worker`'s entry `entry`, read as a [`Histogram`].
+    pub fn histogram(&self, worker: usize, workers: usize, entry: usize) -> Option<Histogram<'_>> {
+        self.counters(worker, workers, entry)
+            .map(|c| Histogram { mem: c.mem })
+    }
+}
+
+impl Histogram<'_> {
+    /// Counts one response time (by the worker that owns the entry only).
+    pub fn observe(&self, ms: u64) {
+        let bucket = BOUNDS_MS.partition_point(|&b| b < ms);
+        self.mem.u64(OBSERVED * 8).fetch_add(1, Ordering::Relaxed);
+        self.mem.u64(SUM_MS * 8).fetch_add(ms, Ordering::Relaxed);
+        self.mem
+            .u64((FIRST_BUCKET + bucket) * 8)
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds what the histogram holds to `sum`.
+    pub fn add_to(&self, sum: &mut Observed) {
+        sum.count += self.mem.u64(OBSERVED * 8).load(Ordering::Relaxed);
+        sum.sum_ms += self.mem.u64(SUM_MS * 8).load(Ordering::Relaxed);
+        for (i, b) in sum.buckets.iter_mut().enumerate() {
+            *b += self.mem.u64((FIRST_BUCKET + i) * 8).load(Ordering::Relaxed);
+        }
+    }
+}
+
 impl Counts {
     /// `self - earlier`, field by field (counts only grow between two
     /// clears).
@@ -190,6 +250,28 @@ mod tests {
         let mut cleared = Counts::default();
         a.add_to(&mut cleared);
         assert_eq!(cleared, Counts::default());
+    }
+
+    #[test]
+    fn a_histogram_counts_each_time_in_its_bucket() {
+        let region = Region::create(1 << 20).expect("region");
+        let a = region.histogram(0, 2, 3).expect("entry");
+        let b = region.histogram(1, 2, 3).expect("entry");
+        a.observe(0);
+        a.observe(5);
+        a.observe(6);
+        b.observe(60_000);
+        b.observe(60_001);
+        let mut sum = Observed::default();
+        a.add_to(&mut sum);
+        b.add_to(&mut sum);
+        assert_eq!((sum.count, sum.sum_ms), (5, 120_012));
+        let mut want = [0; BOUNDS_MS.len() + 1];
+        want[0] = 2; // 0 and 5 ms: bounds are inclusive, as Prometheus' `le`
+        want[1] = 1;
+        want[BOUNDS_MS.len() - 1] = 1;
+        want[BOUNDS_MS.len()] = 1;
+        assert_eq!(sum.buckets, want);
     }
 
     #[test]

@@ -36,11 +36,11 @@ impl Answer {
         }
     }
 
-    pub(super) fn text(content_type: &'static str, body: String) -> Answer {
+    pub(super) fn text(content_type: &'static str, body: impl Into<Vec<u8>>) -> Answer {
         Answer {
             status: 200,
             content_type,
-            body: body.into_bytes(),
+            body: body.into(),
         }
     }
 }
@@ -67,6 +67,9 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
         b"/__erulb__/dump" => Resource::Dump,
         b"/__erulb__/status" => Resource::Status,
         b"/__erulb__/metrics" => Resource::Metrics,
+        b"/__erulb__/stats" => Resource::Stats,
+        b"/__erulb__/stats/tps" => Resource::Tps,
+        b"/__erulb__" => Resource::Dashboard,
         _ => return error(404, "no such admin path"),
     };
     if let (Resource::Dump, b"PUT") = (&resource, method) {
@@ -96,6 +99,9 @@ pub fn handle(store: &Mutex<Store>, method: &[u8], target: &[u8], body: &[u8]) -
         (Resource::Upstream, b"GET") => get_upstreams(&store),
         (Resource::Status, b"GET") => super::status::answer(&store),
         (Resource::Metrics, b"GET") => super::metrics::answer(&store),
+        (Resource::Stats, b"GET") => super::stats::report(&store, target),
+        (Resource::Tps, b"GET") => super::stats::tps(&store, target),
+        (Resource::Dashboard, b"GET") => super::dashboard::page(),
         (Resource::Upstream, b"DELETE") => match names(body) {
             Ok(names) => {
                 let found = store.delete_upstreams(&names);
@@ -118,6 +124,9 @@ enum Resource {
     Dump,
     Status,
     Metrics,
+    Stats,
+    Tps,
+    Dashboard,
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, Answer> {

@@ -3,13 +3,17 @@
 //! families (it writes `# HELP`, `# TYPE` and escapes label values).
 //! Each scrape builds a registry from the current values.
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, PoisonError};
+
+use elb_shm::counters::{BOUNDS_MS, Observed};
 
 use super::api::{Answer, error};
 use crate::store::Store;
@@ -39,6 +43,39 @@ struct DomainClassLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DomainLabels {
     domain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+/// A histogram whose buckets the workers counted already (the crate's own
+/// `Histogram` only takes observations one by one).
+#[derive(Debug, Default)]
+struct Counted(Mutex<Observed>);
+
+impl TypedMetric for Counted {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Counted {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let o = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Per bucket, not cumulative: the encoder sums them into `le`
+        // buckets, the last (`f64::MAX`) written `+Inf`.
+        let buckets: Vec<(f64, u64)> = BOUNDS_MS
+            .iter()
+            .map(|&ms| ms as f64 / 1000.0)
+            .chain(std::iter::once(f64::MAX))
+            .zip(o.buckets)
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(o.sum_ms as f64 / 1000.0, o.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,6 +146,24 @@ pub(super) fn answer(store: &Store) -> Answer {
         "domain_request_seconds",
         "Time spent on a domain's requests, from head to answer, in all",
         seconds,
+    );
+
+    let response = Family::<UpstreamLabels, Counted>::default();
+    for (name, up) in store.upstreams() {
+        if let Some(observed) = store.response_times(up) {
+            *response
+                .get_or_create(&UpstreamLabels {
+                    upstream: name.clone(),
+                })
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = observed;
+        }
+    }
+    registry.register(
+        "upstream_response_seconds",
+        "Time from sending a request to a peer of the upstream to the head of its answer (or its failure)",
+        response,
     );
 
     let healthy = Family::<PeerLabels, Gauge>::default();

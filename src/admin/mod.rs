@@ -3,8 +3,10 @@
 //! `/__erulb__/` requests they receive on the proxy listeners.
 
 mod api;
+mod dashboard;
 mod metrics;
 mod server;
+mod stats;
 mod status;
 
 pub use server::{AdminLimits, serve};

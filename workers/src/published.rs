@@ -54,6 +54,9 @@ pub struct UpstreamRecord {
     /// master reuses a slot only after every worker applied a later
     /// generation); no request uses them afterwards.
     pub cursor_slot: u32,
+    /// The request counters' entry its response times count in
+    /// (`elb_shm::counters::Histogram`); none when the zone is full.
+    pub response_times: Option<u32>,
     pub peers: Vec<PeerRecord>,
     /// Indices into `peers`: one period of smooth WRR over primary peers.
     pub schedule: Vec<u16>,
@@ -76,6 +79,10 @@ pub struct PeerRecord {
     pub fail_timeout_ms: u64,
     /// False for `down` peers and a `status` other than "up".
     pub available: bool,
+    /// The request counters' entry its answers count in (status codes and
+    /// response times, for the log check and `/__erulb__/stats`); none
+    /// when the zone is full.
+    pub counters: Option<u32>,
 }
 
 #[cfg(test)]

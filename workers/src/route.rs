@@ -111,6 +111,8 @@ impl Router {
                                 health: None,
                                 max_fails: 0,
                                 fail_timeout_ms: 0,
+                                counters: None,
+                                response_times: None,
                             },
                             upstream: None,
                         },
@@ -137,6 +139,10 @@ pub(crate) struct Picked {
     pub health: Option<HealthSlot>,
     pub max_fails: u32,
     pub fail_timeout_ms: u64,
+    /// Where its answers count, and its upstream's response times
+    /// (`elb_shm::counters`); none for a direct `host:port`.
+    pub counters: Option<u32>,
+    pub response_times: Option<u32>,
 }
 
 impl Picked {
@@ -184,6 +190,8 @@ pub(crate) fn pick(
         health: Some(health_slot(peer)),
         max_fails: peer.max_fails,
         fail_timeout_ms: peer.fail_timeout_ms,
+        counters: peer.counters,
+        response_times: up.response_times,
     })
 }
 

@@ -121,10 +121,12 @@ impl TestWorker {
                 max_fails: 0,
                 fail_timeout_ms: 10_000,
                 available: true,
+                counters: None,
             })
             .collect::<Vec<_>>();
         let record = UpstreamRecord {
             cursor_slot,
+            response_times: None,
             schedule: (0..peers.len() as u16).collect(),
             backup_schedule: Vec::new(),
             peers,

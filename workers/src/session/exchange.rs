@@ -10,6 +10,8 @@
 //! The exchange ends (`Session::finish`) once it is `Draining` and the
 //! request's body is in too.
 
+use std::time::Instant;
+
 use crate::http::chunked::ChunkError;
 use crate::route::Picked;
 use crate::upstream_conn::UpConn;
@@ -82,6 +84,8 @@ pub(super) struct Exchange {
     /// Answer body bytes queued for the client (the access log's
     /// `$body_bytes_sent`).
     pub sent_body: u64,
+    /// When the attempt on the current peer began (its response time).
+    pub attempt_started: Option<Instant>,
 }
 
 impl Exchange {
@@ -109,6 +113,7 @@ impl Exchange {
             poolable: true,
             client_keep,
             sent_body: 0,
+            attempt_started: None,
         }
     }
 

@@ -12,6 +12,7 @@
 //!
 //! `LIFECYCLE.md` in this crate walks a request through these steps.
 
+mod answers;
 mod body;
 mod error;
 mod exchange;

@@ -47,7 +47,9 @@ impl Session {
             } else {
                 health::record_success(&slot);
             }
-            health::count_answer(&slot, head.status >= 400);
+        }
+        if let Some(p) = x.peer {
+            super::answers::count(cx, &p, head.status, x.attempt_started);
         }
         self.rec.upstream_status = Some(head.status);
         let tunnel = head.status == 101 && x.request.upgrade;

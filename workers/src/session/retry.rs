@@ -73,6 +73,7 @@ impl Session {
         if self.rec.upstream_started.is_none() {
             self.rec.upstream_started = Some(cx.now);
         }
+        x.attempt_started = Some(cx.now);
         let conn = match x.peer {
             Some(p) => cx.pool.checkout(p.addr, cx.key, cx.registry, cx.now),
             None => cx.pool.admin(cx.admin_socket, cx.key, cx.registry),
@@ -127,10 +128,11 @@ impl Session {
         let now = health::now_ms();
         if err.counts_against_peer()
             && let Some(p) = x.peer
-            && let Some(slot) = p.health(cx.region)
         {
-            health::record_failure(&slot, now, p.max_fails, p.fail_timeout_ms);
-            health::count_answer(&slot, true);
+            if let Some(slot) = p.health(cx.region) {
+                health::record_failure(&slot, now, p.max_fails, p.fail_timeout_ms);
+            }
+            super::answers::count(cx, &p, err.status(), x.attempt_started);
         }
         log::warn!("peer {}: {err}", PeerName(x.peer));
         if retry

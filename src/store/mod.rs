@@ -16,13 +16,19 @@ use serde_json::Value;
 
 use crate::peers::{PeerParams, split_host_port};
 use crate::schedule::smooth_wrr_schedule;
+use crate::stats::RequestStats;
 use elb_shm::Region;
 use elb_shm::config::{ConfigError, ConfigWriter};
-use elb_shm::counters::Counts;
-use elb_shm::states::Incarnation;
+use elb_shm::counters::{Counts, Observed};
 use elb_workers::health::HealthSlot;
 use elb_workers::published::{DomainRecord, PeerRecord, UpstreamRecord, domain_key, upstream_key};
 use elb_workers::rules::RuleSet;
+
+mod counter_pool;
+mod slot_pool;
+
+use counter_pool::{CounterPool, Owner};
+use slot_pool::{Held, SlotPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,6 +51,8 @@ pub struct Peer {
     /// Joined while ELB runs (an existing upstream, or after the first
     /// load), so slow start applies to it.
     pub added_live: bool,
+    /// The entry its answers count in, if the counters had room.
+    counters: Option<u32>,
 }
 
 impl Peer {
@@ -62,6 +70,8 @@ pub struct Upstream {
     /// By the name given (`localhost:8088`), in order.
     pub peers: BTreeMap<String, Peer>,
     cursor_slot: u32,
+    /// The entry its response times count in, if the counters had room.
+    response_times: Option<u32>,
     /// Peers in slow start, by name: the part of their weight in force, in
     /// thousandths ([`Store::set_ramps`]).
     ramps: BTreeMap<String, u32>,
@@ -112,12 +122,14 @@ pub struct Store {
     /// What the health thread last found, by state slot (index).
     health: HashMap<u32, PeerStatus>,
     panics: u64,
-    /// The request counters' entries, by domain.
+    /// The request counters' entries, by domain, upstream and peer.
     counters: CounterPool,
     /// When the master started (the store is made at its start).
     started: Instant,
     /// What the etcd thread last said of etcd, for `/status`.
     etcd: SourceStatus,
+    /// The last minute of requests, per peer and in all.
+    stats: RequestStats,
 }
 
 /// A configuration source's state, as `/status` shows it.
@@ -153,6 +165,7 @@ impl Store {
                 revision: 0,
                 last_error: None,
             },
+            stats: RequestStats::default(),
         }
     }
 
@@ -164,7 +177,9 @@ impl Store {
     /// requests count in (taken now when it has none).
     fn domain_record(&mut self, domain: &str, rules: &Value) -> Vec<u8> {
         let rec = DomainRecord {
-            counters: self.counters.entry(self.region, domain),
+            counters: self
+                .counters
+                .entry(self.region, Owner::Domain(domain.to_string())),
             rules: rules.clone(),
         };
         // A JSON value with a number beside it always serialises.
@@ -173,7 +188,39 @@ impl Store {
 
     /// Each domain's request counts, summed over the workers.
     pub fn domain_counts(&self) -> Vec<(&str, Counts)> {
-        self.counters.counts(self.region)
+        self.counters.domains(self.region)
+    }
+
+    /// A peer's answers (status codes, response times), summed over the
+    /// workers; `None` when the counters had no room for it.
+    pub fn peer_counts(&self, peer: &Peer) -> Option<Counts> {
+        peer.counters.map(|e| self.counters.counts(self.region, e))
+    }
+
+    /// Reads every peer's counters and the domains' requests into the
+    /// request statistics, as of `now` (Unix seconds).
+    pub fn sample_stats(&mut self, now: u64) {
+        let mut readings = Vec::new();
+        for (name, up) in &self.upstreams {
+            for (peer_name, p) in &up.peers {
+                if let Some(c) = self.peer_counts(p) {
+                    readings.push((name.clone(), peer_name.clone(), c));
+                }
+            }
+        }
+        let total = self.domain_counts().iter().map(|(_, c)| c.requests).sum();
+        self.stats.sample(now, readings, total);
+    }
+
+    /// The request statistics.
+    pub fn stats(&self) -> &RequestStats {
+        &self.stats
+    }
+
+    /// An upstream's response times, summed over the workers.
+    pub fn response_times(&self, up: &Upstream) -> Option<Observed> {
+        up.response_times
+            .map(|e| self.counters.observed(self.region, e))
     }
 
     /// How long the master has run.
@@ -292,7 +339,7 @@ impl Store {
         if let Err(e) = self.writer.put_all(&items) {
             for (d, _) in &sets {
                 if !self.domains.contains_key(d) {
-                    self.counters.release(d);
+                    self.counters.release(&Owner::Domain(d.clone()));
                 }
             }
             return Err(e.into());
@@ -309,7 +356,7 @@ impl Store {
             .map(|d| {
                 let d = d.to_ascii_lowercase();
                 self.writer.delete(&domain_key(&d));
-                self.counters.release(&d);
+                self.counters.release(&Owner::Domain(d.clone()));
                 self.domains.remove(&d).is_some()
             })
             .collect();
@@ -425,6 +472,7 @@ impl Store {
                             params,
                             slot,
                             added_live,
+                            counters: None,
                         },
                     );
                 }
@@ -450,15 +498,24 @@ impl Store {
                 .map(|(n, r)| (n.clone(), *r))
                 .collect()
         });
+        let fresh = old.is_none();
+        let response_times = self
+            .counters
+            .entry(self.region, Owner::Upstream(name.clone()));
+        for p in peers.values_mut() {
+            p.counters = self.counters.entry(self.region, Owner::Peer(p.slot.index));
+        }
         Ok(Staged {
             name,
             up: Upstream {
                 peers,
                 cursor_slot,
+                response_times,
                 ramps,
             },
             taken,
             retired,
+            fresh,
         })
     }
 
@@ -467,6 +524,7 @@ impl Store {
     fn keep(&mut self, staged: Staged, generation: u64) {
         for slot in staged.retired {
             self.slots.retire(slot, generation);
+            self.counters.release(&Owner::Peer(slot));
         }
         self.upstreams.insert(staged.name, staged.up);
     }
@@ -474,6 +532,12 @@ impl Store {
     /// Forgets staged upstreams that were refused: their slots go back.
     fn unstage(&mut self, staged: Vec<Staged>) {
         for s in staged {
+            for &slot in &s.taken {
+                self.counters.release(&Owner::Peer(slot));
+            }
+            if s.fresh {
+                self.counters.release(&Owner::Upstream(s.name));
+            }
             self.slots.give_back(s.taken);
         }
     }
@@ -492,8 +556,10 @@ impl Store {
             Some(up) => {
                 let g = self.writer.generation();
                 self.slots.retire(up.cursor_slot, g);
+                self.counters.release(&Owner::Upstream(name.to_string()));
                 for p in up.peers.values() {
                     self.slots.retire(p.slot.index, g);
+                    self.counters.release(&Owner::Peer(p.slot.index));
                 }
                 true
             }
@@ -515,7 +581,7 @@ impl Store {
                 None => {
                     if self.domains.remove(&lower).is_some() {
                         self.writer.delete(&domain_key(&lower));
-                        self.counters.release(&lower);
+                        self.counters.release(&Owner::Domain(lower.clone()));
                         out.changed += 1;
                     }
                 }
@@ -535,7 +601,7 @@ impl Store {
                         let record = self.domain_record(&lower, &rules);
                         let put = self.writer.put(&domain_key(&lower), &record);
                         if put.is_err() && !self.domains.contains_key(&lower) {
-                            self.counters.release(&lower);
+                            self.counters.release(&Owner::Domain(lower.clone()));
                         }
                         put.map_err(StoreError::from)
                     });
@@ -632,6 +698,8 @@ struct Staged {
     taken: Vec<u32>,
     /// Slots of its old state that it no longer uses: retired if it is kept.
     retired: Vec<u32>,
+    /// A new upstream, not a new state of one in force.
+    fresh: bool,
 }
 
 /// Whether `up` has exactly these peers, addresses and parameters.
@@ -658,6 +726,7 @@ fn record(up: &Upstream) -> Vec<u8> {
             max_fails: p.params.max_fails,
             fail_timeout_ms: p.params.fail_timeout_ms,
             available: p.params.is_available(),
+            counters: p.counters,
         })
         .collect();
     // During slow start every weight is in thousandths, so that a ramping
@@ -680,6 +749,7 @@ fn record(up: &Upstream) -> Vec<u8> {
     };
     let rec = UpstreamRecord {
         cursor_slot: up.cursor_slot,
+        response_times: up.response_times,
         peers,
         schedule: smooth_wrr_schedule(&weights(false)),
         backup_schedule: smooth_wrr_schedule(&weights(true)),
@@ -782,160 +852,4 @@ pub fn resolve_peers(upstream: &str, peers: PeerList) -> Result<ResolvedPeers, S
         }
     }
     Ok(out)
-}
-
-/// The request counters' entries (`elb_shm::counters`) handed to domains,
-/// one each, while entries last. An entry given back goes to the next new
-/// domain at once, cleared first: a worker still on an older configuration
-/// may add a request of the old domain to it, which is all a late view
-/// costs.
-struct CounterPool {
-    by_domain: HashMap<String, u32>,
-    free: Vec<u32>,
-    next: u32,
-    limit: u32,
-    workers: usize,
-    /// Whether running out was logged already.
-    warned: bool,
-}
-
-impl CounterPool {
-    fn new(region: &Region, workers: usize) -> CounterPool {
-        CounterPool {
-            by_domain: HashMap::new(),
-            free: Vec::new(),
-            next: 0,
-            limit: u32::try_from(region.counter_entries(workers)).unwrap_or(u32::MAX),
-            workers,
-            warned: false,
-        }
-    }
-
-    /// The domain's entry, taken (and cleared) when it has none yet;
-    /// `None` when every entry is taken.
-    fn entry(&mut self, region: &Region, domain: &str) -> Option<u32> {
-        if let Some(&e) = self.by_domain.get(domain) {
-            return Some(e);
-        }
-        let e = self.free.pop().or_else(|| {
-            (self.next < self.limit).then(|| {
-                self.next += 1;
-                self.next - 1
-            })
-        });
-        let Some(e) = e else {
-            if !self.warned {
-                log::warn!(
-                    "request counters full ({} domains): domains set from now on are not counted; raise --shm-size",
-                    self.limit
-                );
-                self.warned = true;
-            }
-            return None;
-        };
-        for w in 0..self.workers {
-            if let Some(c) = region.counters(w, self.workers, e as usize) {
-                c.clear();
-            }
-        }
-        self.by_domain.insert(domain.to_string(), e);
-        Some(e)
-    }
-
-    fn release(&mut self, domain: &str) {
-        if let Some(e) = self.by_domain.remove(domain) {
-            self.free.push(e);
-        }
-    }
-
-    fn counts<'a>(&'a self, region: &Region) -> Vec<(&'a str, Counts)> {
-        self.by_domain
-            .iter()
-            .map(|(d, &e)| {
-                let mut sum = Counts::default();
-                for w in 0..self.workers {
-                    if let Some(c) = region.counters(w, self.workers, e as usize) {
-                        c.add_to(&mut sum);
-                    }
-                }
-                (d.as_str(), sum)
-            })
-            .collect()
-    }
-}
-
-/// A state slot as handed out: which, and which hand-out of it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Held {
-    index: u32,
-    incarnation: Incarnation,
-}
-
-/// State slots handed out by the master; a retired slot is reused only
-/// once every worker has moved past the generation that dropped it. A
-/// request may hold a peer longer than that: each hand-out is a new
-/// incarnation of the slot, and a holder of an older one can no longer
-/// change the slot (see `elb_shm::states`).
-struct SlotPool {
-    free: Vec<u32>,
-    next: u32,
-    limit: u32,
-    retired: Vec<(u32, u64)>,
-    /// The last incarnation of each slot handed out so far, by index.
-    incarnations: Vec<Incarnation>,
-}
-
-impl SlotPool {
-    fn new(limit: usize) -> SlotPool {
-        SlotPool {
-            free: Vec::new(),
-            next: 0,
-            limit: u32::try_from(limit).unwrap_or(u32::MAX),
-            retired: Vec::new(),
-            incarnations: Vec::new(),
-        }
-    }
-
-    fn available(&self) -> usize {
-        self.free.len() + (self.limit - self.next) as usize
-    }
-
-    /// A free slot (the last retired one first), as its next incarnation,
-    /// every word of it reset to that incarnation.
-    fn take(&mut self, region: &Region) -> Option<Held> {
-        let index = self.free.pop().or_else(|| {
-            (self.next < self.limit).then(|| {
-                self.next += 1;
-                self.incarnations.push(Incarnation::default());
-                self.next - 1
-            })
-        })?;
-        let incarnation = self.incarnations.get_mut(index as usize).map(|i| {
-            *i = i.next();
-            *i
-        })?;
-        if let Some(s) = region.state_slot(index as usize) {
-            s.reset(incarnation);
-        }
-        Some(Held { index, incarnation })
-    }
-
-    /// Slots taken for a change that was refused: never handed out.
-    fn give_back(&mut self, slots: Vec<u32>) {
-        self.free.extend(slots);
-    }
-
-    /// `slot` is unused from the generation after `generation` on.
-    fn retire(&mut self, slot: u32, generation: u64) {
-        self.retired.push((slot, generation + 1));
-    }
-
-    fn release_before(&mut self, applied_by_all: u64) {
-        let (ready, wait): (Vec<_>, Vec<_>) = self
-            .retired
-            .drain(..)
-            .partition(|(_, g)| *g <= applied_by_all);
-        self.retired = wait;
-        self.free.extend(ready.into_iter().map(|(s, _)| s));
-    }
 }
