@@ -389,13 +389,19 @@ fn another_method_is_405_and_another_path_404() {
             ("OPTIONS", UPSTREAM),
             ("GET", DUMP),
             ("DELETE", DUMP),
+            ("POST", "/__erulb__/stats"),
+            ("DELETE", "/__erulb__/"),
         ] {
             let body: &[u8] = if method == "GET" { b"" } else { b"{}" };
             let r = admin_raw(addr, method, path, &[], body);
             assert_eq!(r.status, 405, "{method} {path} via {addr}: {}", r.text);
             assert_json_answer(&r, &format!("{method} {path}"));
         }
-        for path in ["/__erulb__/nothing", "/__erulb__/domains", "/__erulb__/"] {
+        for path in [
+            "/__erulb__/nothing",
+            "/__erulb__/domains",
+            "/__erulb__/stats/x",
+        ] {
             let r = admin(addr, "GET", path, None);
             assert_eq!(r.status, 404, "GET {path} via {addr}: {}", r.text);
             assert_json_answer(&r, &format!("GET {path}"));

@@ -105,7 +105,7 @@ pub(super) async fn run(
         store,
         requests,
         health: Health::Unknown,
-        last_error: "not connected yet".into(),
+        last_error: String::new(),
         revision: 0,
         backoff,
         resolving: JoinSet::new(),
@@ -187,7 +187,11 @@ impl Task {
                 Some(req) = self.requests.recv() => {
                     let _ = req
                         .reply
-                        .try_send(Err(DumpError::Unavailable(self.last_error.clone())));
+                        .try_send(Err(DumpError::Unavailable(if self.last_error.is_empty() {
+                            "not connected yet".into()
+                        } else {
+                            self.last_error.clone()
+                        })));
                 }
             }
         }
