@@ -1,11 +1,11 @@
 //! The log check (lua-resty-upstream-etcd's `logcheck`): from the last
-//! five seconds of a peer's answers, counted by the workers in the region,
-//! a peer with more than half of them errors goes out for `recover`.
+//! five seconds of a peer's answers, counted by the workers in the region
+//! (its request counters, `elb_shm::counters`), a peer with more than half
+//! of them errors (a status of 400 or more, or no answer) goes out for
+//! `recover`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-
-use elb_workers::health::count_delta;
 
 /// Seconds of answers a decision looks at.
 const WINDOW: usize = 5;
@@ -20,7 +20,7 @@ pub struct LogCheckConfig {
 /// One peer's recent answers and log-check state.
 #[derive(Debug, Default)]
 pub struct Answers {
-    /// The counter as last read: (answers, errors).
+    /// The counters as last read: (answers, errors).
     last: Option<(u64, u64)>,
     /// (answers, errors) per second, newest last.
     seconds: VecDeque<(u64, u64)>,
@@ -29,15 +29,18 @@ pub struct Answers {
 }
 
 impl Answers {
-    /// Takes this second's reading of the peer's counter.
+    /// Takes this second's reading of the peer's counters. Counts that
+    /// went down belong to a new entry: they start a new baseline.
     pub fn sample(&mut self, reading: Option<(u64, u64)>) {
         let Some(now) = reading else { return };
-        if let Some(before) = self.last {
+        if let Some(before) = self.last
+            && now.0 >= before.0
+            && now.1 >= before.1
+        {
             if self.seconds.len() == WINDOW {
                 self.seconds.pop_front();
             }
-            self.seconds
-                .push_back((count_delta(before.0, now.0), count_delta(before.1, now.1)));
+            self.seconds.push_back((now.0 - before.0, now.1 - before.1));
         }
         self.last = Some(now);
     }
@@ -84,10 +87,12 @@ mod tests {
             a.sample(Some((30 + 10 * s, 6)));
         }
         assert!(!a.failing());
-        // The counter wraps without a false alarm.
+        // Counters handed out anew start a new baseline, no false alarm.
         let mut w = Answers::default();
-        w.sample(Some(((1 << 20) - 5, 3)));
-        w.sample(Some((5, 3)));
+        w.sample(Some((100, 3)));
+        w.sample(Some((5, 5)));
+        assert!(w.seconds.is_empty());
+        w.sample(Some((15, 5)));
         assert!(!w.failing());
         assert_eq!(w.seconds.back(), Some(&(10, 0)));
     }

@@ -356,12 +356,19 @@ impl Monitor {
         }
     }
 
+    /// Reads each peer's answers and errors from the workers' counters:
+    /// the numbers `/__erulb__/stats` reports.
     fn sample(&mut self) {
+        let store = Arc::clone(&self.store);
+        let store = store.lock().unwrap_or_else(PoisonError::into_inner);
         for (&index, t) in &mut self.peers {
-            let reading = t
-                .slot(index)
-                .in_region(self.region)
-                .and_then(|h| h.answers());
+            let reading = store
+                .upstreams()
+                .get(&t.upstream)
+                .and_then(|u| u.peers.get(&t.name))
+                .filter(|p| p.health_slot() == t.slot(index))
+                .and_then(|p| store.peer_counts(p))
+                .map(|c| (c.requests, c.classes[3] + c.classes[4]));
             t.answers.sample(reading);
         }
     }

@@ -6,10 +6,9 @@
 //!   operations only: two workers failing at once may both count, which errs
 //!   on the side of taking a bad peer out;
 //! * the master's verdict ([`PeerHealth::set_checked_out`]): nonzero while
-//!   the active check or the log check has the peer out;
-//! * the answers counter ([`count_answer`]): every answer (or failure to
-//!   get one) adds to it; the master reads it every second for the log
-//!   check.
+//!   the active check or the log check has the peer out. The log check
+//!   reads the peer's request counters (`elb_shm::counters`), not a word
+//!   here.
 //!
 //! Every word is read and written as the incarnation of the slot that the
 //! request's peer record names ([`HealthSlot`]): a request still held by a
@@ -23,13 +22,6 @@ const FAILS: usize = 0;
 const WINDOW_START: usize = 1;
 const OUT_UNTIL: usize = 2;
 const CHECKED_OUT: usize = 3;
-const ANSWERS: usize = 4;
-
-/// The answers counter holds two wrapping counts of this many bits: all
-/// answers, and those that were errors. The master reads it every second,
-/// long before either count could wrap twice.
-const COUNT_BITS: u32 = 20;
-const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 
 /// What the master's checks say, as stored in [`CHECKED_OUT`].
 pub const OUT_BY_CHECK: u64 = 1;
@@ -60,7 +52,6 @@ impl HealthSlot {
             window_start: slot.tagged(WINDOW_START, inc),
             out_until: slot.tagged(OUT_UNTIL, inc),
             checked_out: slot.tagged(CHECKED_OUT, inc),
-            answers: slot.tagged(ANSWERS, inc),
         })
     }
 }
@@ -71,7 +62,6 @@ pub struct PeerHealth<'r> {
     window_start: TaggedWord<'r>,
     out_until: TaggedWord<'r>,
     checked_out: TaggedWord<'r>,
-    answers: TaggedWord<'r>,
 }
 
 impl PeerHealth<'_> {
@@ -90,36 +80,12 @@ impl PeerHealth<'_> {
     pub fn set_checked_out(&self, reasons: u64) -> bool {
         self.checked_out.store(reasons)
     }
-
-    /// The answers counter: (answers, errors), each wrapping at
-    /// 2^[`COUNT_BITS`]; `None` once the slot belongs to another
-    /// incarnation.
-    pub fn answers(&self) -> Option<(u64, u64)> {
-        self.answers
-            .load()
-            .map(|w| (w & COUNT_MASK, (w >> COUNT_BITS) & COUNT_MASK))
-    }
-}
-
-/// Difference of two readings of a wrapping count of [`COUNT_BITS`] bits.
-pub fn count_delta(earlier: u64, later: u64) -> u64 {
-    later.wrapping_sub(earlier) & COUNT_MASK
 }
 
 /// Two loads. A slot that now belongs to another incarnation is not out
 /// (pick-time callers hold the current incarnation anyway).
 pub(crate) fn is_out(h: &PeerHealth<'_>, now: u64) -> bool {
     h.passively_out(now) || h.checked_out.load().is_some_and(|v| v != 0)
-}
-
-/// Counts one answer of the peer; `error` for a status >= 400 or no
-/// answer at all (what nginx's log would show as 502 or 504).
-pub(crate) fn count_answer(h: &PeerHealth<'_>, error: bool) {
-    h.answers.update(|w| {
-        let all = (w + 1) & COUNT_MASK;
-        let errors = ((w >> COUNT_BITS) + u64::from(error)) & COUNT_MASK;
-        errors << COUNT_BITS | all
-    });
 }
 
 /// Counts a failure; returns true when it took the peer out. Nothing is
@@ -220,7 +186,7 @@ mod tests {
     }
 
     #[test]
-    fn the_masters_verdict_takes_a_peer_out_and_answers_are_counted() {
+    fn the_masters_verdict_takes_a_peer_out() {
         let region = Region::create(1 << 20).expect("region");
         region
             .state_slot(6)
@@ -233,18 +199,10 @@ mod tests {
         assert!(is_out(&h, t));
         assert!(h.set_checked_out(0));
         assert!(!is_out(&h, t));
-        assert_eq!(h.answers(), Some((0, 0)));
-        count_answer(&h, false);
-        count_answer(&h, true);
-        count_answer(&h, true);
-        assert_eq!(h.answers(), Some((3, 2)));
-        // Another incarnation neither sees nor writes them.
+        // Another incarnation can neither write it nor see it.
         let stale = health(&region, 6, 2);
         assert!(!stale.set_checked_out(OUT_BY_CHECK));
-        count_answer(&stale, true);
-        assert_eq!(stale.answers(), None);
-        assert_eq!(h.answers(), Some((3, 2)));
         assert!(!is_out(&h, t));
-        assert_eq!(count_delta((1 << COUNT_BITS) - 2, 3), 5);
+        assert!(!is_out(&stale, t));
     }
 }

@@ -1,11 +1,10 @@
 //! A peer's answer (or its failure to give one), counted once where the
-//! master reads it: the health answers word (the log check), the peer's
-//! counters entry (status and response time, for `/__erulb__/stats`) and
-//! its upstream's response-time histogram (`/__erulb__/metrics`).
+//! master reads it: the peer's counters entry (status and response time,
+//! for the log check and `/__erulb__/stats`) and its upstream's
+//! response-time histogram (`/__erulb__/metrics`).
 
 use std::time::Instant;
 
-use crate::health;
 use crate::route::Picked;
 
 use super::Cx;
@@ -14,9 +13,6 @@ use super::Cx;
 /// it never began). The time is
 /// to the answer's head (or the failure): what the peer itself took.
 pub(super) fn count(cx: &Cx<'_>, peer: &Picked, status: u16, since: Option<Instant>) {
-    if let Some(slot) = peer.health(cx.region) {
-        health::count_answer(&slot, status >= 400);
-    }
     let ms = u64::try_from(
         cx.now
             .saturating_duration_since(since.unwrap_or(cx.now))
