@@ -12,7 +12,7 @@
 //! * Watch: from that revision + 1, one stream carrying a watch per prefix;
 //!   the events of one response are applied in one store call, published
 //!   at once; except a peer list naming a host, which is resolved on a
-//!   blocking thread (up to `store::RESOLVE_TIMEOUT`) and applied when it
+//!   blocking thread (up to 2 s, `store/resolve.rs`) and applied when it
 //!   resolves, unless a later change of its upstream came meanwhile. The
 //!   watch and the store's lock never wait for DNS.
 //! * On a compaction ahead of the watch, a lost stream, or a revision that

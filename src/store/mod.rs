@@ -6,28 +6,31 @@
 //! already resolved ([`resolve_peers`], called before taking the mutex).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
 use serde_json::Value;
 
-use crate::peers::{PeerParams, split_host_port};
-use crate::schedule::smooth_wrr_schedule;
+use crate::peers::PeerParams;
 use crate::stats::RequestStats;
 use elb_shm::Region;
 use elb_shm::config::{ConfigError, ConfigWriter};
 use elb_shm::counters::{Counts, Observed};
 use elb_workers::health::HealthSlot;
-use elb_workers::published::{DomainRecord, PeerRecord, UpstreamRecord, domain_key, upstream_key};
+use elb_workers::published::{DomainRecord, domain_key, upstream_key};
 use elb_workers::rules::RuleSet;
 
 mod counter_pool;
+mod records;
+mod resolve;
 mod slot_pool;
 
 use counter_pool::{CounterPool, Owner};
+use records::{check_domain, check_upstream_name, record, same_peers};
+pub use resolve::{all_addresses, resolve_peers};
 use slot_pool::{Held, SlotPool};
 
 #[derive(Debug, thiserror::Error)]
@@ -83,12 +86,6 @@ pub type PeerList = Vec<(String, PeerParams)>;
 /// An upstream's peers resolved ([`resolve_peers`]): by name as given, the
 /// address and parameters.
 pub type ResolvedPeers = BTreeMap<String, (SocketAddr, PeerParams)>;
-
-/// How long [`resolve_peers`] waits for the system's resolver (its own
-/// timeouts, from `/etc/resolv.conf`, are 5 s per try by default): a peer
-/// whose name does not resolve within this time counts as not resolving,
-/// and the change that named it is refused.
-pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Changes for [`Store::apply_changes`]: `None` removes the item. `P` is an
 /// upstream's peer list: as named in etcd ([`PeerList`]), or resolved
@@ -700,156 +697,4 @@ struct Staged {
     retired: Vec<u32>,
     /// A new upstream, not a new state of one in force.
     fresh: bool,
-}
-
-/// Whether `up` has exactly these peers, addresses and parameters.
-fn same_peers(up: &Upstream, list: &ResolvedPeers) -> bool {
-    up.peers.len() == list.len()
-        && up
-            .peers
-            .iter()
-            .zip(list)
-            .all(|((n1, p), (n2, (addr, params)))| {
-                n1 == n2 && p.addr == *addr && p.params == *params
-            })
-}
-
-fn record(up: &Upstream) -> Vec<u8> {
-    let peers: Vec<PeerRecord> = up
-        .peers
-        .iter()
-        .map(|(name, p)| PeerRecord {
-            name: name.clone(),
-            addr: p.addr,
-            slot: p.slot.index,
-            incarnation: p.slot.incarnation.bits(),
-            max_fails: p.params.max_fails,
-            fail_timeout_ms: p.params.fail_timeout_ms,
-            available: p.params.is_available(),
-            counters: p.counters,
-        })
-        .collect();
-    // During slow start every weight is in thousandths, so that a ramping
-    // peer's part of its weight is exact enough; the schedule builder
-    // divides by the common factor again.
-    let scale = if up.ramps.is_empty() { 1 } else { 1000 };
-    let weights = |backup: bool| -> Vec<u32> {
-        up.peers
-            .iter()
-            .map(|(name, p)| {
-                if p.params.backup != backup || !p.params.is_available() {
-                    return 0;
-                }
-                match up.ramps.get(name) {
-                    Some(&part) => (p.params.weight * part).max(1),
-                    None => p.params.weight * scale,
-                }
-            })
-            .collect()
-    };
-    let rec = UpstreamRecord {
-        cursor_slot: up.cursor_slot,
-        response_times: up.response_times,
-        peers,
-        schedule: smooth_wrr_schedule(&weights(false)),
-        backup_schedule: smooth_wrr_schedule(&weights(true)),
-    };
-    // Plain structs of strings and numbers always serialise.
-    serde_json::to_vec(&rec).unwrap_or_default()
-}
-
-fn check_domain(d: &str) -> Result<(), StoreError> {
-    let ok = !d.is_empty()
-        && d.len() <= 255
-        && d.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'*'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::Domain {
-            domain: d.to_string(),
-            reason: "not a host name".into(),
-        })
-    }
-}
-
-fn check_upstream_name(n: &str) -> Result<(), StoreError> {
-    let ok =
-        !n.is_empty() && n.len() <= 255 && !n.bytes().any(|b| b.is_ascii_whitespace() || b == b'/');
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::Upstream {
-            upstream: n.to_string(),
-            reason: "not a name (1 to 255 bytes, no space or '/')".into(),
-        })
-    }
-}
-
-/// Whether every peer is an `ip:port` (resolving them waits for nothing).
-pub fn all_addresses(peers: &PeerList) -> bool {
-    peers.iter().all(|(peer, _)| {
-        split_host_port(peer).is_ok_and(|(host, _)| host.parse::<IpAddr>().is_ok())
-    })
-}
-
-/// Resolves every peer of `upstream` now, as the original did when a peer
-/// was set. Call it without the store's lock: a host name waits for the
-/// system's resolver, on a helper thread, up to [`RESOLVE_TIMEOUT`] (the
-/// thread is left to finish alone after that). Fails, naming the peer, when
-/// any does not resolve: the caller keeps the upstream's old list.
-pub fn resolve_peers(upstream: &str, peers: PeerList) -> Result<ResolvedPeers, StoreError> {
-    let failed = |reason: String| StoreError::Upstream {
-        upstream: upstream.to_string(),
-        reason,
-    };
-    let mut out = ResolvedPeers::new();
-    let mut named = Vec::new();
-    for (peer, params) in peers {
-        let (host, port) = split_host_port(&peer).map_err(|e| failed(e.to_string()))?;
-        match host.parse::<IpAddr>() {
-            Ok(ip) => {
-                out.insert(peer, (SocketAddr::new(ip, port), params));
-            }
-            Err(_) => named.push((host.to_string(), port, peer, params)),
-        }
-    }
-    if named.is_empty() {
-        return Ok(out);
-    }
-    let deadline = Instant::now() + RESOLVE_TIMEOUT;
-    let pending: Vec<String> = named.iter().map(|(_, _, peer, _)| peer.clone()).collect();
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("elb-resolve".into())
-        .spawn(move || {
-            for (host, port, peer, params) in named {
-                let addr = (host.as_str(), port)
-                    .to_socket_addrs()
-                    .map_err(|e| format!("cannot resolve '{peer}': {e}"))
-                    .and_then(|mut a| {
-                        a.next()
-                            .ok_or_else(|| format!("'{peer}' resolves to no address"))
-                    });
-                // Gone: the caller gave up waiting.
-                if tx.send((peer, addr, params)).is_err() {
-                    return;
-                }
-            }
-        })
-        .map_err(|e| failed(format!("cannot start a resolver thread: {e}")))?;
-    for waiting in pending {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok((peer, Ok(addr), params)) => {
-                out.insert(peer, (addr, params));
-            }
-            Ok((_, Err(reason), _)) => return Err(failed(reason)),
-            Err(_) => {
-                return Err(failed(format!(
-                    "'{waiting}' did not resolve within {RESOLVE_TIMEOUT:?}"
-                )));
-            }
-        }
-    }
-    Ok(out)
 }
