@@ -230,3 +230,64 @@ fn services_prefix_layout_merges_with_same_named_upstreams() {
     );
     expect_served(&elb, "s.test", "b", APPLIED);
 }
+
+#[test]
+fn services_values_take_the_originals_defaults_and_float_weights() {
+    let etcd = Etcd::start();
+    let kv = etcd.kv();
+    let (a, b, c) = (
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("c"),
+    );
+    let svc = "/v1/elbt9/services/";
+    // Both in place before ELB starts: peers of the first load start at
+    // full weight, not in slow start (the original's default is 30 s).
+    kv.put(&format!("{svc}web/{}", a.host_port()), r#"{"weight":1.5}"#);
+    kv.put(&format!("{svc}web/{}", b.host_port()), r#"{"weight":1}"#);
+    // Not JSON: every default of the original, with a warning.
+    kv.put(&format!("{svc}other/{}", c.host_port()), "weight=3");
+    kv.put("/ELBT9/rules/f.test", &rules_to("web"));
+    let elb = elb_on(&etcd.endpoints(), "ELBT9")
+        .args(["--services-prefix", svc])
+        .start();
+    expect_served(&elb, "f.test", "a", APPLIED);
+    let ups = admin_get(elb.admin_addr(), "/__erulb__/upstream");
+    let peer = |up: &str, b: &Backend| {
+        ups[up]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == b.host_port()))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let pa = peer("web", &a);
+    assert_eq!(pa["weight"], json!(1.5), "{ups}");
+    assert_eq!(pa["check_url"], "/health", "{ups}");
+    assert_eq!(pa["slow_start"], 30, "{ups}");
+    assert_eq!(pa["status"], "up", "{ups}");
+    assert_eq!(peer("web", &b)["weight"], 1, "{ups}");
+    let pc = peer("other", &c);
+    assert_eq!(
+        (pc["weight"].clone(), pc["check_url"].clone()),
+        (json!(100), json!("/health")),
+        "{ups}"
+    );
+    assert!(
+        elb.stderr()
+            .contains("every lua-resty-upstream-etcd default applies"),
+        "{}",
+        elb.stderr()
+    );
+
+    // 1.5 against 1: 3 of every 5 requests, exactly, across both workers.
+    let (mut na, mut nb) = (0, 0);
+    for _ in 0..500 {
+        match served_by(elb.listen_addr(), "f.test").as_deref() {
+            Some("a") => na += 1,
+            Some("b") => nb += 1,
+            other => panic!("answered by {other:?}"),
+        }
+    }
+    let share = f64::from(na) / f64::from(na + nb);
+    assert!((share - 0.6).abs() < 0.006, "a took {na} and b {nb}");
+}

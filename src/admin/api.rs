@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use crate::peers::parse_peer_value;
+use crate::peers::{Weight, parse_peer_value};
 
 use elb_shm::config::ConfigError;
 
@@ -251,7 +251,7 @@ struct PeerView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     slow_start: Option<u32>,
     status: &'a str,
-    weight: u32,
+    weight: Weight,
 }
 
 /// Whole seconds as an integer, anything finer as a fraction.
@@ -285,7 +285,7 @@ fn get_upstreams(store: &Store) -> Answer {
                         check_url: p.params.check_url.as_deref(),
                         down: p.params.down,
                         effective_weight: health
-                            .map_or(f64::from(p.params.weight), |h| h.effective_weight),
+                            .map_or(p.params.weight.as_f64(), |h| h.effective_weight),
                         fail_timeout: if ms.is_multiple_of(1000) {
                             Seconds::Whole(ms / 1000)
                         } else {

@@ -182,7 +182,7 @@ pub(super) fn answer(store: &Store) -> Answer {
             healthy.get_or_create(&labels).set(i64::from(!out));
             weight
                 .get_or_create(&labels)
-                .set(status.map_or(f64::from(p.params.weight), |s| s.effective_weight));
+                .set(status.map_or(p.params.weight.as_f64(), |s| s.effective_weight));
         }
     }
     registry.register(

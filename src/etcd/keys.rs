@@ -3,12 +3,15 @@
 //! * `/$NAME/rules/$domain`: a rule set, JSON, possibly URI-escaped by the
 //!   old ELB's dump;
 //! * `/$NAME/upstreams/$upstream/$host:$port`: one peer, a value that
-//!   [`parse_peer_value`] reads (empty, nginx parameters, JSON, escaped);
-//! * with a services prefix P: `P$service/$host:$port`, the same values.
+//!   `parse_peer_value` reads (empty, nginx parameters, JSON, escaped), with
+//!   nginx's defaults;
+//! * with a services prefix P: `P$service/$host:$port`, lua-resty-upstream-
+//!   etcd's JSON with its defaults; a value that is not JSON gives them all,
+//!   with a warning, as the original did.
 
 use serde_json::Value;
 
-use crate::peers::{PeerParams, parse_peer_value, percent_decode};
+use crate::peers::{Origin, ParamError, PeerParams, parse_peer_from, percent_decode};
 
 /// Which layout a peer came from. The order matters: when both name the
 /// same peer of the same upstream, the `/$NAME/upstreams/` one wins.
@@ -136,9 +139,24 @@ pub fn parse_rules(raw: &[u8]) -> Result<Value, ValueError> {
     }
 }
 
-pub fn parse_peer(raw: &[u8]) -> Result<PeerParams, ValueError> {
-    let text = std::str::from_utf8(raw).map_err(|_| ValueError::NotUtf8)?;
-    Ok(parse_peer_value(text)?)
+/// A peer's value under `source`'s layout, and, when it gave every default
+/// in place of what it holds, why (for a warning).
+pub fn parse_peer(
+    source: Source,
+    raw: &[u8],
+) -> Result<(PeerParams, Option<ParamError>), ValueError> {
+    let origin = match source {
+        Source::Elb => Origin::Nginx,
+        Source::Services => Origin::Resty,
+    };
+    match std::str::from_utf8(raw) {
+        Ok(text) => Ok(parse_peer_from(origin, text)?),
+        Err(_) if source == Source::Services => Ok((
+            PeerParams::resty(),
+            Some(ParamError::Json("not UTF-8".into())),
+        )),
+        Err(_) => Err(ValueError::NotUtf8),
+    }
 }
 
 /// The end of the key range of everything that starts with `prefix`
@@ -158,6 +176,7 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peers::Weight;
 
     #[test]
     fn keys_are_classified() {
@@ -211,17 +230,39 @@ mod tests {
 
     #[test]
     fn peers_in_every_form() {
-        assert_eq!(parse_peer(b"").expect("empty"), PeerParams::default());
-        assert_eq!(parse_peer(b"weight=3").expect("nginx").weight, 3);
+        let elb = |raw: &[u8]| parse_peer(Source::Elb, raw).map(|(p, _)| p);
+        assert_eq!(elb(b"").expect("empty"), PeerParams::default());
+        assert_eq!(elb(b"weight=3").expect("nginx").weight, Weight::whole(3));
         assert_eq!(
-            parse_peer(b"max_fails%3D2%20weight%3D10")
-                .expect("esc")
-                .weight,
-            10
+            elb(b"max_fails%3D2%20weight%3D10").expect("esc").weight,
+            Weight::whole(10)
         );
-        let j = parse_peer(br#"{"weight":5,"status":"down"}"#).expect("json");
+        let j = elb(br#"{"weight":5,"status":"down"}"#).expect("json");
         assert!(!j.is_available());
-        assert!(parse_peer(b"bogus=1").is_err());
+        assert!(elb(b"bogus=1").is_err());
+    }
+
+    #[test]
+    fn services_values_take_the_originals_defaults() {
+        let svc = |raw: &[u8]| parse_peer(Source::Services, raw);
+        // Missing fields: lua-resty-upstream-etcd's defaults.
+        let (p, warning) = svc(br#"{"weight":2.5}"#).expect("json");
+        assert_eq!(warning, None);
+        assert_eq!(p.weight, Weight::parse("2.5").expect("2.5"));
+        assert_eq!(p.check_url.as_deref(), Some("/health"));
+        assert_eq!((p.slow_start_s, p.status.as_str()), (30, "up"));
+        let (p, _) = svc(b"{}").expect("empty object");
+        assert_eq!(p, PeerParams::resty());
+        assert_eq!(p.weight, Weight::whole(100));
+        // Not JSON (nginx form, empty, garbage, not UTF-8): every default,
+        // with a warning.
+        for raw in [&b"weight=3"[..], b"", b"}{", b"\xff"] {
+            let (p, warning) = svc(raw).expect("defaults");
+            assert_eq!(p, PeerParams::resty());
+            assert!(warning.is_some(), "{raw:?}");
+        }
+        // A JSON object with a bad field is still refused.
+        assert!(svc(br#"{"weight":-1}"#).is_err());
     }
 
     #[test]

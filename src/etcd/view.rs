@@ -224,9 +224,15 @@ impl View {
                 peer,
             } => match split_host_port(peer)
                 .map_err(ValueError::from)
-                .and_then(|_| parse_peer(value))
+                .and_then(|_| parse_peer(source, value))
             {
-                Ok(p) => {
+                Ok((p, defaulted)) => {
+                    if let Some(why) = defaulted {
+                        log::warn!(
+                            "etcd: {}: {why}; every lua-resty-upstream-etcd default applies",
+                            String::from_utf8_lossy(key)
+                        );
+                    }
                     self.peers
                         .entry(upstream.to_string())
                         .or_default()
@@ -389,6 +395,7 @@ fn chunk(ops: Vec<Op>) -> Vec<Vec<Op>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peers::Weight;
 
     fn layout() -> Layout {
         Layout::new("T", Some("/svc/"))
@@ -431,8 +438,8 @@ mod tests {
         assert_eq!(peers.len(), 2);
         // The /T/upstreams/ value wins over the services one.
         assert_eq!(peers[0].0, "127.0.0.1:1");
-        assert_eq!(peers[0].1.weight, 2);
-        assert_eq!(peers[1].1.weight, 3);
+        assert_eq!(peers[0].1.weight, Weight::whole(2));
+        assert_eq!(peers[1].1.weight, Weight::whole(3));
         assert_eq!(v.counts(), (2, 1));
         // Deleting the last peers removes the upstream.
         let o = v.apply(vec![

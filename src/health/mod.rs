@@ -12,7 +12,7 @@
 mod active;
 mod logcheck;
 mod probe;
-mod ramp;
+pub(crate) mod ramp;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -115,7 +115,7 @@ struct Tracked {
     alone: bool,
     /// Not `down`, status "up".
     available: bool,
-    weight: u32,
+    weight: f64,
     slow_start: Duration,
     active: Option<Active>,
     answers: Answers,
@@ -234,7 +234,7 @@ impl Monitor {
                         t.primary = !peer.params.backup;
                         t.alone = alone;
                         t.available = peer.params.is_available();
-                        t.weight = peer.params.weight;
+                        t.weight = peer.params.weight.as_f64();
                         t.slow_start = Duration::from_secs(u64::from(peer.params.slow_start_s));
                         if !same_url(t.check_url.as_deref(), raw_url) {
                             t.check_url = raw_url.map(url_path);
@@ -267,7 +267,7 @@ impl Monitor {
                                 primary: !peer.params.backup,
                                 alone,
                                 available: peer.params.is_available(),
-                                weight: peer.params.weight,
+                                weight: peer.params.weight.as_f64(),
                                 slow_start: Duration::from_secs(u64::from(
                                     peer.params.slow_start_s,
                                 )),
@@ -536,7 +536,7 @@ impl Monitor {
                 PeerStatus {
                     incarnation: t.incarnation,
                     out_reason: reason,
-                    effective_weight: f64::from(t.weight) * f64::from(part) / f64::from(ramp::FULL),
+                    effective_weight: t.weight * f64::from(part) / f64::from(ramp::FULL),
                     fails: t.active.as_ref().map_or(0, |a| a.fails),
                     last_check: t
                         .active

@@ -3,16 +3,22 @@
 
 use serde::Serialize;
 
-use super::nginx::{format_time, parse_bool, parse_time, parse_uint, parse_weight, time_to_secs};
-use super::{MAX_TIME_MS, ParamError, PeerParams, invalid};
+use super::nginx::{format_time, parse_bool, parse_time, parse_uint, time_to_secs};
+use super::{MAX_TIME_MS, ParamError, PeerParams, Weight, invalid};
 
-pub(super) fn parse(value: &str) -> Result<PeerParams, ParamError> {
+/// Parses the JSON form; a field it does not name keeps its value in
+/// `defaults`.
+pub(super) fn parse(value: &str, defaults: PeerParams) -> Result<PeerParams, ParamError> {
     let obj: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(value).map_err(|e| ParamError::Json(e.to_string()))?;
-    let mut p = PeerParams::default();
+    let mut p = defaults;
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
     if let Some(v) = get("weight") {
-        p.weight = parse_weight(json_uint(v, "weight")?)?;
+        p.weight = match (v.as_f64(), v.as_str()) {
+            (Some(w), _) => Weight::from_f64(w)?,
+            (None, Some(s)) => Weight::parse(s)?,
+            _ => return Err(json_invalid("weight", v)),
+        };
     }
     if let Some(v) = get("max_fails") {
         p.max_fails =
@@ -114,7 +120,7 @@ fn json_bool(v: &serde_json::Value, name: &'static str) -> Result<bool, ParamErr
 /// when it differs from its default, in this order.
 #[derive(Serialize)]
 struct Written<'a> {
-    weight: u32,
+    weight: Weight,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_fails: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -20,10 +20,11 @@
 //!
 //! Choices made where nginx leaves room:
 //!
-//! * `weight` is 1..=10000. nginx accepts any positive weight; ELB refuses
-//!   more than [`MAX_WEIGHT`] (an error, not a silent clamp) so that the
-//!   shared round-robin schedule stays small and what `GET` shows is what was
-//!   set. 0 is refused, as nginx does.
+//! * `weight` is 0.001..=10000, an integer or a decimal fraction (`1.5`, as
+//!   lua-resty-upstream-etcd allowed; kept in thousandths, [`Weight`]).
+//!   nginx accepts any positive integer; ELB refuses more than
+//!   [`MAX_WEIGHT`] (an error, not a silent clamp) so that what `GET` shows
+//!   is what was set. 0 is refused, as nginx does.
 //! * `fail_timeout` is kept in milliseconds ([`PeerParams::fail_timeout_ms`]).
 //!   A bare number is seconds (`fail_timeout=10`); nginx's time syntax is
 //!   accepted too: units `ms`, `s`, `m`, `h`, `d`, combinable as in nginx
@@ -35,14 +36,21 @@
 //! * A parameter given twice: the last one wins (nginx does the same).
 //! * `status` is kept as written; anything other than `"up"` takes the peer
 //!   out ([`PeerParams::is_available`]).
+//!
+//! Defaults depend on where a value comes from ([`Origin`]): nginx's under
+//! `/$ELBNAME/upstreams/` and in the admin API; lua-resty-upstream-etcd's
+//! under the services prefix and from Kubernetes, where a value that is not
+//! a JSON object gives the peer every default, as the original did.
 
 use std::borrow::Cow;
 
 mod address;
 mod json;
 mod nginx;
+mod weight;
 
 pub use address::split_host_port;
+pub use weight::Weight;
 
 /// Largest weight accepted.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -56,8 +64,8 @@ const MAX_TIME_MS: u64 = 365 * 24 * 3600 * 1000;
 /// One peer's parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerParams {
-    /// 1..=[`MAX_WEIGHT`]; default 1.
-    pub weight: u32,
+    /// 0.001..=[`MAX_WEIGHT`]; default 1.
+    pub weight: Weight,
     /// Failures within `fail_timeout` that take the peer out; 0 = never.
     /// Default 1.
     pub max_fails: u32,
@@ -80,7 +88,7 @@ pub struct PeerParams {
 impl Default for PeerParams {
     fn default() -> Self {
         PeerParams {
-            weight: 1,
+            weight: Weight::whole(1),
             max_fails: 1,
             fail_timeout_ms: DEFAULT_FAIL_TIMEOUT_MS,
             backup: false,
@@ -101,9 +109,9 @@ pub enum ParamError {
     /// A known parameter with a value that does not parse or is out of range.
     #[error("invalid {name} '{value}'")]
     Invalid { name: &'static str, value: String },
-    /// A weight outside 1..=[`MAX_WEIGHT`].
-    #[error("weight {0} out of range 1..={MAX_WEIGHT}")]
-    WeightRange(u64),
+    /// A weight outside 0.001..=[`MAX_WEIGHT`].
+    #[error("weight {0} out of range 0.001..={MAX_WEIGHT}")]
+    WeightRange(String),
     /// A value that starts like a JSON object but is not one.
     #[error("invalid peer JSON: {0}")]
     Json(String),
@@ -128,7 +136,8 @@ impl PeerParams {
     pub fn to_value(&self) -> String {
         let needs_json = self.check_url.is_some()
             || self.slow_start_s != 0
-            || self.status != PeerParams::default().status;
+            || self.status != PeerParams::default().status
+            || !self.weight.is_whole();
         if needs_json {
             json::render(self)
         } else {
@@ -137,7 +146,56 @@ impl PeerParams {
     }
 }
 
-/// Parses a peer value (see the module documentation for the forms).
+/// Where a peer value comes from, which decides its defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `/$ELBNAME/upstreams/` and the admin API: nginx's defaults.
+    Nginx,
+    /// The services prefix and Kubernetes: lua-resty-upstream-etcd's
+    /// (`weight` 100, `check_url` "/health", `slow_start` 30, `status` "up").
+    Resty,
+}
+
+impl PeerParams {
+    /// lua-resty-upstream-etcd's defaults.
+    pub fn resty() -> PeerParams {
+        PeerParams {
+            weight: Weight::whole(100),
+            check_url: Some("/health".to_string()),
+            slow_start_s: 30,
+            ..PeerParams::default()
+        }
+    }
+}
+
+/// Parses a peer value from `origin`. Under [`Origin::Resty`] a value that
+/// is not a JSON object gives every default, and the second part of the
+/// answer says why, for a warning; a JSON object with a bad field is an
+/// error in both.
+pub fn parse_peer_from(
+    origin: Origin,
+    raw: &str,
+) -> Result<(PeerParams, Option<ParamError>), ParamError> {
+    match origin {
+        Origin::Nginx => parse_peer_value(raw).map(|p| (p, None)),
+        Origin::Resty => {
+            let trimmed = raw.trim();
+            let decoded = percent_decode(trimmed);
+            let value = decoded.as_deref().map_or(trimmed, str::trim);
+            if value.starts_with('{') {
+                json::parse(value, PeerParams::resty()).map(|p| (p, None))
+            } else {
+                Ok((
+                    PeerParams::resty(),
+                    Some(ParamError::Json(format!("not a JSON object: '{value}'"))),
+                ))
+            }
+        }
+    }
+}
+
+/// Parses a peer value (see the module documentation for the forms), with
+/// nginx's defaults.
 pub fn parse_peer_value(raw: &str) -> Result<PeerParams, ParamError> {
     let trimmed = raw.trim();
     // A raw JSON object is never escaped (escaped, it starts with `%7B`), and
@@ -158,7 +216,7 @@ pub fn parse_peer_value(raw: &str) -> Result<PeerParams, ParamError> {
         return Ok(PeerParams::default());
     }
     if value.starts_with('{') {
-        json::parse(value)
+        json::parse(value, PeerParams::default())
     } else {
         nginx::parse(value)
     }

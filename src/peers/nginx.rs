@@ -2,7 +2,7 @@
 //! (`weight=10 max_fails=2 fail_timeout=30s backup`), and nginx's time
 //! syntax, which the JSON form accepts too.
 
-use super::{MAX_TIME_MS, MAX_WEIGHT, ParamError, PeerParams, invalid};
+use super::{MAX_TIME_MS, ParamError, PeerParams, Weight, invalid};
 
 pub(super) fn parse(value: &str) -> Result<PeerParams, ParamError> {
     let mut p = PeerParams::default();
@@ -12,7 +12,7 @@ pub(super) fn parse(value: &str) -> Result<PeerParams, ParamError> {
             None => (tok, None),
         };
         match (key, val) {
-            ("weight", Some(v)) => p.weight = parse_weight(parse_uint(v, "weight")?)?,
+            ("weight", Some(v)) => p.weight = Weight::parse(v)?,
             ("max_fails", Some(v)) => {
                 p.max_fails = u32::try_from(parse_uint(v, "max_fails")?)
                     .map_err(|_| invalid("max_fails", v))?
@@ -70,14 +70,6 @@ pub(super) fn parse_uint(v: &str, name: &'static str) -> Result<u64, ParamError>
         return Err(invalid(name, v));
     }
     v.parse::<u64>().map_err(|_| invalid(name, v))
-}
-
-pub(super) fn parse_weight(w: u64) -> Result<u32, ParamError> {
-    if w == 0 || w > u64::from(MAX_WEIGHT) {
-        return Err(ParamError::WeightRange(w));
-    }
-    // In range, so it fits.
-    Ok(w as u32)
 }
 
 pub(super) fn parse_bool(v: &str, name: &'static str) -> Result<bool, ParamError> {

@@ -7,7 +7,7 @@ fn p() -> PeerParams {
 #[test]
 fn defaults() {
     let d = p();
-    assert_eq!(d.weight, 1);
+    assert_eq!(d.weight, Weight::whole(1));
     assert_eq!(d.max_fails, 1);
     assert_eq!(d.fail_timeout_ms, 10_000);
     assert!(!d.backup && !d.down);
@@ -29,7 +29,7 @@ fn nginx_form() {
     assert_eq!(
         got,
         PeerParams {
-            weight: 10,
+            weight: Weight::whole(10),
             max_fails: 2,
             ..p()
         }
@@ -51,10 +51,13 @@ fn nginx_form() {
     );
     assert!(!parse_peer_value("down").unwrap().is_available());
     assert_eq!(parse_peer_value("max_fails=0").unwrap().max_fails, 0);
-    assert_eq!(parse_peer_value("weight=10000").unwrap().weight, 10_000);
+    assert_eq!(
+        parse_peer_value("weight=10000").unwrap().weight,
+        Weight::whole(10_000)
+    );
     // Several spaces, tabs, the last of a repeated parameter wins.
     let got = parse_peer_value("  weight=2 \t weight=3  ").unwrap();
-    assert_eq!(got.weight, 3);
+    assert_eq!(got.weight, Weight::whole(3));
     assert_eq!(parse_peer_value("slow_start=30s").unwrap().slow_start_s, 30);
 }
 
@@ -136,11 +139,11 @@ fn nginx_errors() {
     );
     assert_eq!(
         parse_peer_value("weight=0"),
-        Err(ParamError::WeightRange(0))
+        Err(ParamError::WeightRange("0".into()))
     );
     assert_eq!(
         parse_peer_value("weight=10001"),
-        Err(ParamError::WeightRange(10_001))
+        Err(ParamError::WeightRange("10001".into()))
     );
     assert_eq!(
         parse_peer_value("max_fails=4294967296"),
@@ -181,7 +184,7 @@ fn json_form() {
     assert_eq!(
         got,
         PeerParams {
-            weight: 100,
+            weight: Weight::whole(100),
             slow_start_s: 30,
             check_url: Some("/health".into()),
             ..p()
@@ -196,7 +199,7 @@ fn json_form() {
     assert_eq!(
         got,
         PeerParams {
-            weight: 7,
+            weight: Weight::whole(7),
             max_fails: 3,
             fail_timeout_ms: 5_000,
             backup: true,
@@ -215,7 +218,10 @@ fn json_form() {
             .fail_timeout_ms,
         120_000
     );
-    assert_eq!(parse_peer_value(r#"{"weight":2.0}"#).unwrap().weight, 2);
+    assert_eq!(
+        parse_peer_value(r#"{"weight":2.0}"#).unwrap().weight,
+        Weight::whole(2)
+    );
     assert!(parse_peer_value(r#"{"down":1}"#).unwrap().down);
     // null counts as absent.
     assert_eq!(
@@ -246,7 +252,13 @@ fn json_status() {
 #[test]
 fn json_unknown_keys_ignored() {
     let got = parse_peer_value(r#"{"weight":2,"zone":"a","tags":[1,2],"meta":{"x":1}}"#).unwrap();
-    assert_eq!(got, PeerParams { weight: 2, ..p() });
+    assert_eq!(
+        got,
+        PeerParams {
+            weight: Weight::whole(2),
+            ..p()
+        }
+    );
 }
 
 #[test]
@@ -269,25 +281,30 @@ fn json_errors() {
     );
     assert_eq!(
         parse_peer_value(r#"{"weight":-1}"#),
-        Err(ParamError::Invalid {
-            name: "weight",
-            value: "-1".into()
-        })
+        Err(ParamError::WeightRange("-1".into()))
+    );
+    // Fractional weights are taken, in thousandths, as the original did.
+    assert_eq!(
+        parse_peer_value(r#"{"weight":1.5}"#).map(|p| p.weight.milli()),
+        Ok(1500)
     );
     assert_eq!(
-        parse_peer_value(r#"{"weight":1.5}"#),
-        Err(ParamError::Invalid {
-            name: "weight",
-            value: "1.5".into()
-        })
+        parse_peer_value("weight=2.25").map(|p| p.weight.milli()),
+        Ok(2250)
     );
+    let frac = PeerParams {
+        weight: Weight::parse("1.5").expect("1.5"),
+        ..p()
+    };
+    assert_eq!(frac.to_value(), r#"{"weight":1.5}"#);
+    assert_eq!(parse_peer_value(&frac.to_value()), Ok(frac));
     assert_eq!(
         parse_peer_value(r#"{"weight":0}"#),
-        Err(ParamError::WeightRange(0))
+        Err(ParamError::WeightRange("0".into()))
     );
     assert_eq!(
         parse_peer_value(r#"{"weight":20000}"#),
-        Err(ParamError::WeightRange(20_000))
+        Err(ParamError::WeightRange("20000".into()))
     );
     assert_eq!(
         parse_peer_value(r#"{"backup":"maybe"}"#),
@@ -338,14 +355,17 @@ fn uri_escaped_from_old_dump() {
     assert_eq!(
         parse_peer_value("max_fails%3D2%20weight%3D10").unwrap(),
         PeerParams {
-            weight: 10,
+            weight: Weight::whole(10),
             max_fails: 2,
             ..p()
         }
     );
     assert_eq!(
         parse_peer_value("%7B%22weight%22%3A2%7D").unwrap(),
-        PeerParams { weight: 2, ..p() }
+        PeerParams {
+            weight: Weight::whole(2),
+            ..p()
+        }
     );
     assert_eq!(
         parse_peer_value("%7b%22checkurl%22%3a%22%2fh%22%7d")
@@ -405,7 +425,7 @@ fn to_value_forms() {
     assert_eq!(p().to_value(), "");
     assert_eq!(
         PeerParams {
-            weight: 10,
+            weight: Weight::whole(10),
             max_fails: 2,
             backup: true,
             ..p()
@@ -432,7 +452,7 @@ fn to_value_forms() {
     assert_eq!(PeerParams { down: true, ..p() }.to_value(), "down");
     assert_eq!(
         PeerParams {
-            weight: 100,
+            weight: Weight::whole(100),
             slow_start_s: 30,
             check_url: Some("/health".into()),
             ..p()
@@ -454,9 +474,12 @@ fn to_value_forms() {
 fn round_trip() {
     let cases = vec![
         p(),
-        PeerParams { weight: 10, ..p() },
         PeerParams {
-            weight: 10_000,
+            weight: Weight::whole(10),
+            ..p()
+        },
+        PeerParams {
+            weight: Weight::whole(10_000),
             max_fails: 0,
             ..p()
         },
@@ -487,7 +510,7 @@ fn round_trip() {
         PeerParams {
             down: true,
             backup: true,
-            weight: 3,
+            weight: Weight::whole(3),
             max_fails: 5,
             ..p()
         },
@@ -520,7 +543,7 @@ fn round_trip() {
             ..p()
         },
         PeerParams {
-            weight: 7,
+            weight: Weight::whole(7),
             max_fails: 0,
             fail_timeout_ms: 1_500,
             backup: true,
@@ -530,7 +553,7 @@ fn round_trip() {
             status: "up".into(),
         },
         PeerParams {
-            weight: 2,
+            weight: Weight::whole(2),
             max_fails: 9,
             fail_timeout_ms: 20_000,
             backup: false,

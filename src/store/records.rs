@@ -2,6 +2,7 @@
 //! smooth-WRR schedules) and the checks names pass before anything is
 //! written.
 
+use crate::health::ramp;
 use crate::schedule::smooth_wrr_schedule;
 use elb_workers::published::{PeerRecord, UpstreamRecord};
 
@@ -34,10 +35,9 @@ pub(super) fn record(up: &Upstream) -> Vec<u8> {
             counters: p.counters,
         })
         .collect();
-    // During slow start every weight is in thousandths, so that a ramping
-    // peer's part of its weight is exact enough; the schedule builder
-    // divides by the common factor again.
-    let scale = if up.ramps.is_empty() { 1 } else { 1000 };
+    // Weights are in thousandths (a fractional weight is exact), and a
+    // ramping peer has its part of its weight, in thousandths of it; the
+    // schedule builder divides by the common factor again.
     let weights = |backup: bool| -> Vec<u32> {
         up.peers
             .iter()
@@ -45,9 +45,13 @@ pub(super) fn record(up: &Upstream) -> Vec<u8> {
                 if p.params.backup != backup || !p.params.is_available() {
                     return 0;
                 }
+                let w = p.params.weight.milli();
                 match up.ramps.get(name) {
-                    Some(&part) => (p.params.weight * part).max(1),
-                    None => p.params.weight * scale,
+                    Some(&part) => {
+                        let ramped = u64::from(w) * u64::from(part) / u64::from(ramp::FULL);
+                        u32::try_from(ramped).unwrap_or(w).max(1)
+                    }
+                    None => w,
                 }
             })
             .collect()

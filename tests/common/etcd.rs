@@ -37,6 +37,8 @@ pub struct Etcd {
     members: Vec<Member>,
     /// Changes on a wipe, so that the new cluster is a new one.
     generation: u32,
+    /// Flags added to every member's command line from its next start.
+    extra: Vec<String>,
 }
 
 impl Etcd {
@@ -79,7 +81,18 @@ impl Etcd {
             dir,
             members,
             generation: 0,
+            extra: Vec::new(),
         }
+    }
+
+    /// Flags every member gets from its next start on (`--enable-v2`).
+    pub fn set_extra_args(&mut self, args: &[&str]) {
+        self.extra = args.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// Member `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(&self.members[i].name)
     }
 
     /// `127.0.0.1:PORT,…` of every member, for `--etcd`.
@@ -143,6 +156,7 @@ impl Etcd {
             .args(["--initial-cluster-state", "new"])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--logger", "zap", "--log-level", "warn"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
