@@ -5,6 +5,7 @@
 mod admin;
 mod etcd;
 mod health;
+mod kubernetes;
 mod listeners;
 mod logging;
 mod peers;

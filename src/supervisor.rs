@@ -26,7 +26,7 @@ use elb_workers::access::Access;
 use crate::admin::AdminLimits;
 use crate::settings::{AdminAddr, Settings};
 use crate::store::Store;
-use crate::{admin, etcd, health, listeners, spawn, stats, statsd_sender};
+use crate::{admin, etcd, health, kubernetes, listeners, spawn, stats, statsd_sender};
 
 /// A worker that dies sooner than this after its start counts as crashing.
 const QUICK_EXIT: Duration = Duration::from_secs(2);
@@ -127,6 +127,17 @@ pub fn run(settings: Settings) -> i32 {
         region,
     ) {
         log::error!("cannot start the health thread: {e}");
+        let _ = std::fs::remove_dir_all(&private);
+        return 1;
+    }
+    store
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .set_source_policy(settings.sources);
+    if let Some(k) = &settings.kubernetes
+        && let Err(e) = kubernetes::start(k.clone(), store.clone())
+    {
+        log::error!("cannot start the Kubernetes source: {e}");
         let _ = std::fs::remove_dir_all(&private);
         return 1;
     }

@@ -208,12 +208,21 @@ pub(super) fn answer(store: &Store) -> Answer {
     etcd_up.set(i64::from(etcd.state == "up"));
     registry.register("etcd_up", "1 while etcd answers and is watched", etcd_up);
     let revision = Gauge::<i64>::default();
-    revision.set(etcd.revision);
+    revision.set(etcd.revision.unwrap_or(0));
     registry.register(
         "etcd_revision",
         "The etcd revision the configuration is at",
         revision,
     );
+    if let Some(k) = store.kubernetes_status() {
+        let up = Gauge::<i64>::default();
+        up.set(i64::from(k.state == "up"));
+        registry.register(
+            "kubernetes_up",
+            "1 while the apiserver answers and is watched (present only with [kubernetes])",
+            up,
+        );
+    }
     let arena = Family::<ArenaLabels, Gauge>::default();
     let (used, free) = store.arena_usage();
     for (state, bytes) in [("used", used), ("free", free)] {

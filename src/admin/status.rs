@@ -15,6 +15,8 @@ struct Status<'a> {
     workers: Vec<Worker>,
     generation: u64,
     etcd: &'a SourceStatus,
+    /// `null` unless `[kubernetes]` is set.
+    kubernetes: Option<&'a SourceStatus>,
     region: Region,
 }
 
@@ -57,6 +59,7 @@ pub(super) fn answer(store: &Store) -> Answer {
         workers,
         generation: store.generation(),
         etcd: store.etcd_status(),
+        kubernetes: store.kubernetes_status(),
         region: Region {
             size: region.layout().size,
             used,

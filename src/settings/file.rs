@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::sources::{FileKubernetes, FileSources, apply_kubernetes, apply_sources};
 use super::values::{
     parse_addr, parse_admin, parse_endpoint, parse_host_port, parse_name, parse_network,
     parse_shm_size, parse_size, parse_workers, seconds, statuses,
@@ -54,6 +55,8 @@ struct File {
     upstream: Option<FileUpstream>,
     healthcheck: Option<FileHealthCheck>,
     logcheck: Option<FileLogCheck>,
+    kubernetes: Option<FileKubernetes>,
+    sources: Option<FileSources>,
 }
 
 #[derive(Deserialize)]
@@ -312,6 +315,12 @@ pub(super) fn apply(s: &mut Settings, path: &str) -> Result<(), SettingsError> {
                 }
             };
         }
+    }
+    if let Some(k) = f.kubernetes {
+        apply_kubernetes(s, k, &o)?;
+    }
+    if let Some(so) = f.sources {
+        apply_sources(s, so, &o)?;
     }
     if let Some(l) = f.logcheck {
         if let Some(e) = l.enable {

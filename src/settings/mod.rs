@@ -10,6 +10,7 @@
 
 mod cli;
 mod file;
+mod sources;
 mod values;
 
 use std::fmt;
@@ -19,6 +20,9 @@ use std::time::Duration;
 
 use elb_workers::args::{Limits, RetryPolicy, Timeouts};
 use ipnet::IpNet;
+
+use crate::store::SourcePolicy;
+pub use sources::Kubernetes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -98,6 +102,9 @@ pub struct Settings {
     pub upstream: RetryPolicy,
     pub healthcheck: HealthCheck,
     pub logcheck: LogCheck,
+    /// The Kubernetes source, when `[kubernetes]` is present.
+    pub kubernetes: Option<Kubernetes>,
+    pub sources: SourcePolicy,
 }
 
 impl Default for Settings {
@@ -154,6 +161,8 @@ impl Default for Settings {
                 interval: Duration::from_secs(5),
                 recover: Duration::from_secs(60),
             },
+            kubernetes: None,
+            sources: SourcePolicy::default(),
         }
     }
 }
@@ -269,7 +278,8 @@ impl fmt::Display for Settings {
         let l = &self.logcheck;
         writeln!(f, "logcheck.enable = {}", l.enable)?;
         writeln!(f, "logcheck.interval = {}", secs(l.interval))?;
-        writeln!(f, "logcheck.recover = {}", secs(l.recover))
+        writeln!(f, "logcheck.recover = {}", secs(l.recover))?;
+        sources::describe(self.kubernetes.as_ref(), &self.sources, f)
     }
 }
 

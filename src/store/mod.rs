@@ -27,11 +27,14 @@ mod counter_pool;
 mod records;
 mod resolve;
 mod slot_pool;
+mod sources;
 
 use counter_pool::{CounterPool, Owner};
 use records::{check_domain, check_upstream_name, record, same_peers};
 pub use resolve::{all_addresses, resolve_peers};
 use slot_pool::{Held, SlotPool};
+use sources::SourceLists;
+pub use sources::{SourceKind, SourcePolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -127,6 +130,10 @@ pub struct Store {
     etcd: SourceStatus,
     /// The last minute of requests, per peer and in all.
     stats: RequestStats,
+    /// Each source's peer lists, which make the upstreams in force.
+    sources: SourceLists,
+    /// What the Kubernetes thread last said of the apiserver, when it runs.
+    kubernetes: Option<SourceStatus>,
 }
 
 /// A configuration source's state, as `/status` shows it.
@@ -135,8 +142,13 @@ pub struct SourceStatus {
     /// `connecting` (never reached yet), `up` or `down`.
     pub state: &'static str,
     pub endpoint: String,
-    /// The revision the configuration is at (0 before the first load).
-    pub revision: i64,
+    /// etcd: the revision the configuration is at (0 before the first
+    /// load).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    /// Kubernetes: the last `resourceVersion` seen.
+    #[serde(rename = "resourceVersion", skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
     pub last_error: Option<String>,
 }
 
@@ -159,11 +171,33 @@ impl Store {
             etcd: SourceStatus {
                 state: "connecting",
                 endpoint: String::new(),
-                revision: 0,
+                revision: Some(0),
+                resource_version: None,
                 last_error: None,
             },
             stats: RequestStats::default(),
+            sources: SourceLists::default(),
+            kubernetes: None,
         }
+    }
+
+    /// How etcd's and Kubernetes' peers combine (`[sources]`).
+    pub fn set_source_policy(&mut self, policy: SourcePolicy) {
+        self.sources.policy = policy;
+    }
+
+    pub fn kubernetes_status(&self) -> Option<&SourceStatus> {
+        self.kubernetes.as_ref()
+    }
+
+    pub fn set_kubernetes_status(&mut self, status: SourceStatus) {
+        self.kubernetes = Some(status);
+    }
+
+    /// The upstreams as etcd and the admin API gave them, without
+    /// Kubernetes' peers: what a dump writes.
+    pub fn etcd_upstreams(&self) -> Vec<(String, PeerList)> {
+        self.sources.etcd_lists()
     }
 
     pub fn region(&self) -> &'static Region {
@@ -378,7 +412,13 @@ impl Store {
             return Err(StoreError::NoStateSlot);
         }
         let mut staged = Vec::with_capacity(resolved.len());
+        let given = resolved.clone();
         for (name, list) in resolved {
+            // Kubernetes' peers of the same name stay, as the policy says.
+            let list = self
+                .sources
+                .effective_with(SourceKind::Etcd, &name, Some(&list))
+                .unwrap_or(list);
             match self.stage_upstream(name, list) {
                 Ok(s) => staged.push(s),
                 Err(e) => {
@@ -402,6 +442,9 @@ impl Store {
         }
         for s in staged {
             self.keep(s, generation);
+        }
+        for (name, list) in given {
+            self.sources.set(SourceKind::Etcd, &name, Some(list));
         }
         self.publish();
         Ok(())
@@ -541,9 +584,34 @@ impl Store {
 
     /// Removes upstreams; returns, per name, whether it existed.
     pub fn delete_upstreams(&mut self, names: &[String]) -> Vec<bool> {
-        let found = names.iter().map(|n| self.remove_upstream(n)).collect();
+        let found = names
+            .iter()
+            .map(|n| {
+                let existed = self.upstreams.contains_key(n);
+                self.sources.set(SourceKind::Etcd, n, None);
+                // Kubernetes' peers of that name, if any, stay in force.
+                let mut out = Applied::default();
+                self.apply_upstream(n.clone(), self.sources.effective(n), &mut out);
+                existed
+            })
+            .collect();
         self.publish();
         found
+    }
+
+    /// Applies peer lists from Kubernetes (a `None` or empty list: it has
+    /// none for that name), combined with etcd's by the source policy.
+    pub fn apply_kubernetes(&mut self, lists: Vec<(String, Option<ResolvedPeers>)>) -> Applied {
+        let mut out = Applied::default();
+        for (name, list) in lists {
+            self.sources.set(SourceKind::Kubernetes, &name, list);
+            let effective = self.sources.effective(&name);
+            self.apply_upstream(name, effective, &mut out);
+        }
+        if out.changed > 0 {
+            self.publish();
+        }
+        out
     }
 
     /// Removes one upstream (not published yet); whether it existed.
@@ -613,44 +681,45 @@ impl Store {
             }
         }
         for (name, list) in changes.upstreams {
-            let Some(list) = list else {
-                if self.upstreams.contains_key(&name) {
-                    self.remove_upstream(&name);
-                    out.changed += 1;
-                }
-                continue;
-            };
             if let Err(e) = check_upstream_name(&name) {
                 out.errors.push(e);
                 continue;
             }
-            if self
-                .upstreams
-                .get(&name)
-                .is_some_and(|up| same_peers(up, &list))
-            {
-                continue;
-            }
-            if list.is_empty() {
-                if self.remove_upstream(&name) {
-                    out.changed += 1;
-                }
-                continue;
-            }
-            let needed = list.len() + usize::from(!self.upstreams.contains_key(&name));
-            if needed > self.slots.available() {
-                out.errors.push(StoreError::NoStateSlot);
-                continue;
-            }
-            match self.install_upstream(name, list) {
-                Ok(()) => out.changed += 1,
-                Err(e) => out.errors.push(e),
-            }
+            self.sources.set(SourceKind::Etcd, &name, list);
+            let effective = self.sources.effective(&name);
+            self.apply_upstream(name, effective, &mut out);
         }
         if out.changed > 0 {
             self.publish();
         }
         out
+    }
+
+    /// Puts `name`'s peers in force (not published yet); none removes it.
+    /// What is equal to what is in force is skipped.
+    fn apply_upstream(&mut self, name: String, list: Option<ResolvedPeers>, out: &mut Applied) {
+        let Some(list) = list.filter(|l| !l.is_empty()) else {
+            if self.remove_upstream(&name) {
+                out.changed += 1;
+            }
+            return;
+        };
+        if self
+            .upstreams
+            .get(&name)
+            .is_some_and(|up| same_peers(up, &list))
+        {
+            return;
+        }
+        let needed = list.len() + usize::from(!self.upstreams.contains_key(&name));
+        if needed > self.slots.available() {
+            out.errors.push(StoreError::NoStateSlot);
+            return;
+        }
+        match self.install_upstream(name, list) {
+            Ok(()) => out.changed += 1,
+            Err(e) => out.errors.push(e),
+        }
     }
 
     fn publish(&mut self) {

@@ -47,18 +47,7 @@ impl Task {
                 .iter()
                 .map(|(d, r)| (d.clone(), r.clone()))
                 .collect();
-            let upstreams: Vec<_> = store
-                .upstreams()
-                .iter()
-                .map(|(n, up)| {
-                    let peers = up
-                        .peers
-                        .iter()
-                        .map(|(p, peer)| (p.clone(), peer.params.clone()))
-                        .collect::<Vec<_>>();
-                    (n.clone(), peers)
-                })
-                .collect();
+            let upstreams = store.etcd_upstreams();
             (domains, upstreams)
         };
         let want = desired(&layout, &domains, &upstreams);

@@ -150,7 +150,8 @@ impl Task {
                 Health::Down => "down",
             },
             endpoint: self.endpoints.clone(),
-            revision: self.revision,
+            revision: Some(self.revision),
+            resource_version: None,
             last_error: (!self.last_error.is_empty()).then(|| self.last_error.clone()),
         };
         self.store
