@@ -322,3 +322,26 @@ fn two_sources_merge_or_fall_back() {
         vec![format!("/ELBK/upstreams/web/{}", e1.host_port())]
     );
 }
+
+#[test]
+fn without_the_endpointslice_api_core_endpoints_are_watched() {
+    let api = ApiServer::start(TOKEN);
+    api.without_endpoint_slices();
+    let dir = TempDir::new("k8s");
+    let (token, ca) = api.write_files(dir.path());
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    api.set_endpoint_slice("default", slice_for("web-a", &a, true, false));
+    let elb = elb_with(&dir, &api, &token, &ca, "", &[]);
+    put_domains(elb.admin_addr(), &json!({"k.test": to_backend("web")}));
+    expect_serving(&elb, "k.test", &["a"]);
+    api.set_endpoint_slice("default", slice_for("web-b", &b, true, false));
+    expect_serving(&elb, "k.test", &["a", "b"]);
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.contains("/api/v1/namespaces/default/endpoints")),
+        "{:?}",
+        api.requests()
+    );
+    assert!(elb.stderr().contains("watching core/v1 Endpoints"));
+}

@@ -20,23 +20,31 @@
 
 mod slices;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::Endpoints;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::config::{
     AuthInfo, Cluster, Context, KubeConfigOptions, Kubeconfig, NamedAuthInfo, NamedCluster,
     NamedContext,
 };
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
 
 use crate::settings::Kubernetes;
 use crate::store::{SourceStatus, Store};
-use slices::Slices;
+use slices::{Listing, Slices};
+
+/// Wait before trying the apiserver again when the client cannot be set up
+/// or discovery fails (the watcher has its own back-off).
+const RECONNECT: Duration = Duration::from_secs(2);
 
 /// Starts the source's thread.
 pub fn start(config: Kubernetes, store: Arc<Mutex<Store>>) -> std::io::Result<()> {
@@ -111,6 +119,12 @@ impl Reporter {
             .set_kubernetes_status(status);
     }
 
+    fn note_version(&mut self, meta: &ObjectMeta) {
+        if let Some(v) = &meta.resource_version {
+            self.resource_version.clone_from(v);
+        }
+    }
+
     fn up(&mut self) {
         if self.logged.take().is_some() {
             log::info!("kubernetes ({}): watching again", self.endpoint);
@@ -134,22 +148,33 @@ impl Reporter {
 
 /// Why the watch failed, in an operator's words: 401 and 403 say so.
 fn describe(e: &watcher::Error) -> String {
-    let api = match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(r))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(r))
-        | watcher::Error::WatchFailed(kube::Error::Api(r))
-        | watcher::Error::WatchError(r) => Some(r),
-        _ => None,
-    };
-    match api {
-        Some(r) if r.code == 401 => {
-            format!("401 Unauthorized (the token was refused): {}", r.message)
-        }
-        Some(r) if r.code == 403 => format!(
-            "403 Forbidden (RBAC must allow list and watch on endpointslices): {}",
-            r.message
-        ),
+    match e {
+        watcher::Error::InitialListFailed(k)
+        | watcher::Error::WatchStartFailed(k)
+        | watcher::Error::WatchFailed(k) => describe_kube(k),
+        watcher::Error::WatchError(r) => describe_api(r).unwrap_or_else(|| with_causes(e)),
+        watcher::Error::NoResourceVersion => with_causes(e),
+    }
+}
+
+fn describe_kube(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(r) => describe_api(r).unwrap_or_else(|| with_causes(e)),
         _ => with_causes(e),
+    }
+}
+
+fn describe_api(r: &kube::core::ErrorResponse) -> Option<String> {
+    match r.code {
+        401 => Some(format!(
+            "401 Unauthorized (the token was refused): {}",
+            r.message
+        )),
+        403 => Some(format!(
+            "403 Forbidden (the service account needs list and watch on endpointslices): {}",
+            r.message
+        )),
+        _ => None,
     }
 }
 
@@ -168,6 +193,24 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Where peers are read from: EndpointSlices, or core/v1 Endpoints where
+/// the apiserver has no EndpointSlice API.
+enum Kind {
+    Slices,
+    Endpoints,
+}
+
+async fn connect(config: &Kubernetes) -> Result<(Client, Kind), kube::Error> {
+    let client = client(config).await?;
+    let kind = match client.list_api_group_resources("discovery.k8s.io/v1").await {
+        Ok(list) if list.resources.iter().any(|r| r.name == "endpointslices") => Kind::Slices,
+        Ok(_) => Kind::Endpoints,
+        Err(kube::Error::Api(r)) if r.code == 404 => Kind::Endpoints,
+        Err(e) => return Err(e),
+    };
+    Ok((client, kind))
+}
+
 async fn run(config: Kubernetes, store: Arc<Mutex<Store>>) {
     let mut reporter = Reporter {
         store: Arc::clone(&store),
@@ -176,17 +219,44 @@ async fn run(config: Kubernetes, store: Arc<Mutex<Store>>) {
         logged: None,
     };
     reporter.report("connecting", None);
-    let client = loop {
-        match client(&config).await {
+    let (client, kind) = loop {
+        match connect(&config).await {
             Ok(c) => break c,
             Err(e) => {
-                reporter.failed(format!("cannot set up the client: {e}"));
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                reporter.failed(describe_kube(&e));
+                tokio::time::sleep(RECONNECT).await;
             }
         }
     };
+    match kind {
+        Kind::Slices => watch::<EndpointSlice>(client, &config, &store, &mut reporter).await,
+        Kind::Endpoints => {
+            log::info!(
+                "kubernetes ({}): no EndpointSlice API; watching core/v1 Endpoints",
+                config.apiserver
+            );
+            watch::<Endpoints>(client, &config, &store, &mut reporter).await;
+        }
+    }
+}
+
+/// Lists and watches `K` in every configured namespace, for good.
+async fn watch<K>(
+    client: Client,
+    config: &Kubernetes,
+    store: &Mutex<Store>,
+    reporter: &mut Reporter,
+) where
+    K: Listing
+        + Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
     let streams = config.namespaces.iter().map(|ns| {
-        let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+        let api: Api<K> = Api::namespaced(client.clone(), ns);
         let ns = ns.clone();
         watcher::watcher(api, watcher::Config::default())
             .default_backoff()
@@ -196,17 +266,16 @@ async fn run(config: Kubernetes, store: Arc<Mutex<Store>>) {
     let mut events = futures_util::stream::select_all(streams);
     let mut slices = Slices::new(&config.port_name, config.namespaces.len());
     // A list in progress, per namespace.
-    let mut listing: std::collections::HashMap<String, Vec<EndpointSlice>> =
-        std::collections::HashMap::new();
+    let mut listing: HashMap<String, Vec<K>> = HashMap::new();
     while let Some((ns, event)) = events.next().await {
         let touched = match event {
             Ok(Event::Apply(s)) => {
-                note_version(&mut reporter, &s);
+                reporter.note_version(s.meta());
                 slices.apply(&ns, &s)
             }
             Ok(Event::Delete(s)) => {
-                note_version(&mut reporter, &s);
-                s.metadata
+                reporter.note_version(s.meta());
+                s.meta()
                     .name
                     .as_deref()
                     .map(|n| slices.delete(&ns, n))
@@ -217,7 +286,7 @@ async fn run(config: Kubernetes, store: Arc<Mutex<Store>>) {
                 continue;
             }
             Ok(Event::InitApply(s)) => {
-                note_version(&mut reporter, &s);
+                reporter.note_version(s.meta());
                 listing.entry(ns).or_default().push(s);
                 continue;
             }
@@ -231,13 +300,7 @@ async fn run(config: Kubernetes, store: Arc<Mutex<Store>>) {
             }
         };
         reporter.up();
-        publish(&store, &slices, touched);
-    }
-}
-
-fn note_version(reporter: &mut Reporter, s: &EndpointSlice) {
-    if let Some(v) = &s.metadata.resource_version {
-        reporter.resource_version.clone_from(v);
+        publish(store, &slices, touched);
     }
 }
 

@@ -16,16 +16,25 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
+use k8s_openapi::api::core::v1::Endpoints;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Resource;
 
 use crate::peers::PeerParams;
 use crate::store::ResolvedPeers;
 
 const SERVICE_LABEL: &str = "kubernetes.io/service-name";
 
-/// One slice, as far as routing cares.
+/// An object that lists a Service's endpoints: an EndpointSlice, or, where
+/// the apiserver has no EndpointSlice API, the core/v1 Endpoints.
+pub trait Listing: Resource {
+    /// The Service and its peers, when the object is one of a Service's.
+    fn read(&self, slices: &Slices, namespace: &str) -> Option<Slice>;
+}
+
+/// One object's peers, as far as routing cares.
 #[derive(Debug, Clone, PartialEq)]
-struct Slice {
+pub struct Slice {
     service: String,
     /// `ip:port` → (address, in force?).
     peers: BTreeMap<String, (SocketAddr, &'static str)>,
@@ -51,13 +60,13 @@ impl Slices {
         }
     }
 
-    /// A slice added or changed; returns the upstream names it touched.
-    pub fn apply(&mut self, namespace: &str, s: &EndpointSlice) -> BTreeSet<String> {
-        let Some(name) = s.metadata.name.clone() else {
+    /// An object added or changed; returns the upstream names it touched.
+    pub fn apply<L: Listing>(&mut self, namespace: &str, s: &L) -> BTreeSet<String> {
+        let Some(name) = s.meta().name.clone() else {
             return BTreeSet::new();
         };
         let mut touched = self.delete(namespace, &name);
-        if let Some(slice) = self.read(namespace, &name, s) {
+        if let Some(slice) = s.read(self, namespace) {
             touched.extend(self.names(namespace, &slice.service));
             self.by_service
                 .entry((namespace.to_string(), slice.service.clone()))
@@ -87,10 +96,10 @@ impl Slices {
     /// Every slice of `namespace` anew (a list after a start, a lost watch
     /// or `410 Gone`); returns the names whose peers may have changed: the
     /// store skips those whose peers did not.
-    pub fn replace_namespace(
+    pub fn replace_namespace<L: Listing>(
         &mut self,
         namespace: &str,
-        listed: &[EndpointSlice],
+        listed: &[L],
     ) -> BTreeSet<String> {
         let old: Vec<String> = self
             .slices
@@ -148,27 +157,48 @@ impl Slices {
         n
     }
 
-    fn read(&self, namespace: &str, name: &str, s: &EndpointSlice) -> Option<Slice> {
+    /// The port named `port_name`, else the only one; warns when neither.
+    fn port<'p>(
+        &self,
+        ports: impl Iterator<Item = (Option<&'p str>, Option<i32>)> + Clone,
+        namespace: &str,
+        name: &str,
+    ) -> Option<u16> {
+        let named = ports
+            .clone()
+            .find(|(n, _)| *n == Some(self.port_name.as_str()))
+            .map(|(_, p)| p);
+        let all: Vec<_> = ports.map(|(_, p)| p).collect();
+        let port = match (named, all.as_slice()) {
+            (Some(p), _) => p,
+            (None, [only]) => *only,
+            _ => None,
+        };
+        let port = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
+        if port.is_none() {
+            log::warn!(
+                "kubernetes: {namespace}/{name} has no port named '{}' and not exactly one port; skipped",
+                self.port_name
+            );
+        }
+        port
+    }
+}
+
+impl Listing for EndpointSlice {
+    fn read(&self, slices: &Slices, namespace: &str) -> Option<Slice> {
+        let s = self;
+        let name = s.metadata.name.as_deref().unwrap_or_default();
         let service = s.metadata.labels.as_ref()?.get(SERVICE_LABEL)?.clone();
         if !matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
             return None;
         }
         let ports = s.ports.as_deref().unwrap_or_default();
-        let named = ports
-            .iter()
-            .find(|p| p.name.as_deref() == Some(self.port_name.as_str()));
-        let port = match (named, ports) {
-            (Some(p), _) => p.port,
-            (None, [only]) => only.port,
-            _ => None,
-        };
-        let Some(port) = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else {
-            log::warn!(
-                "kubernetes: {namespace}/{name} (service {service}) has no port named '{}' and not exactly one port; skipped",
-                self.port_name
-            );
-            return None;
-        };
+        let port = slices.port(
+            ports.iter().map(|p| (p.name.as_deref(), p.port)),
+            namespace,
+            name,
+        )?;
         let mut peers = BTreeMap::new();
         for e in &s.endpoints {
             let c = e.conditions.as_ref();
@@ -185,6 +215,38 @@ impl Slices {
                 };
                 let addr = SocketAddr::new(ip, port);
                 peers.insert(addr.to_string(), (addr, status));
+            }
+        }
+        Some(Slice { service, peers })
+    }
+}
+
+/// core/v1 Endpoints: one object per Service, named after it; each subset
+/// has its ports, its ready `addresses` and its `notReadyAddresses`.
+impl Listing for Endpoints {
+    fn read(&self, slices: &Slices, namespace: &str) -> Option<Slice> {
+        let service = self.metadata.name.clone()?;
+        let mut peers = BTreeMap::new();
+        for subset in self.subsets.as_deref().unwrap_or_default() {
+            let ports = subset.ports.as_deref().unwrap_or_default();
+            let Some(port) = slices.port(
+                ports.iter().map(|p| (p.name.as_deref(), Some(p.port))),
+                namespace,
+                &service,
+            ) else {
+                continue;
+            };
+            let ready = subset.addresses.iter().flatten().map(|a| (a, "up"));
+            let not_ready = subset
+                .not_ready_addresses
+                .iter()
+                .flatten()
+                .map(|a| (a, "not ready"));
+            for (a, status) in ready.chain(not_ready) {
+                if let Ok(ip) = a.ip.parse::<IpAddr>() {
+                    let addr = SocketAddr::new(ip, port);
+                    peers.insert(addr.to_string(), (addr, status));
+                }
             }
         }
         Some(Slice { service, peers })
@@ -269,6 +331,28 @@ mod tests {
             ),
         );
         assert!(s.peers("db").is_empty());
+    }
+
+    #[test]
+    fn core_endpoints_read_as_one_slice_per_service() {
+        let ep: Endpoints = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web"},
+            "subsets": [{
+                "addresses": [{"ip": "10.0.0.1"}],
+                "notReadyAddresses": [{"ip": "10.0.0.2"}],
+                "ports": [{"name": "http", "port": 8080}, {"name": "grpc", "port": 9000}]
+            }]
+        }))
+        .expect("endpoints");
+        let mut s = Slices::new("http", 1);
+        s.apply("default", &ep);
+        assert_eq!(
+            statuses(&s.peers("web")),
+            vec![
+                ("10.0.0.1:8080".into(), "up".into()),
+                ("10.0.0.2:8080".into(), "not ready".into())
+            ]
+        );
     }
 
     #[test]
