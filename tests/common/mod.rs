@@ -1005,6 +1005,7 @@ pub fn connection_refused(addr: SocketAddr) -> bool {
     }
 }
 
+pub mod apiserver;
 pub mod backend;
 pub mod etcd;
 pub mod health;
