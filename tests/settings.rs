@@ -369,3 +369,33 @@ fn check_binds_nothing() {
     assert_eq!(s["listen"], p);
     assert_eq!(s["admin"], a);
 }
+
+#[test]
+fn kubernetes_and_sources_are_checked_naming_the_key() {
+    let dir = TempDir::new("settings");
+    let outside = [("KUBERNETES_SERVICE_HOST", "")];
+    let cases = [
+        ("[kubernetes]\n", "kubernetes.apiserver"),
+        (
+            "[kubernetes]\napiserver = \"http://10.0.0.1\"\n",
+            "kubernetes.apiserver",
+        ),
+        (
+            "[kubernetes]\napiserver = \"https://10.0.0.1\"\nnamespaces = [\"Not_A_Name\"]\n",
+            "kubernetes.namespaces",
+        ),
+        ("[sources]\nfirst = \"consul\"\n", "sources.first"),
+        (
+            "[kubernetes]\napiserver = \"https://10.0.0.1\"\nwatch = 1\n",
+            "watch",
+        ),
+    ];
+    for (toml, key) in cases {
+        let f = dir.write("elb.toml", toml);
+        refused(
+            &["--check", "--config", &f.to_string_lossy()],
+            &outside,
+            key,
+        );
+    }
+}

@@ -41,7 +41,9 @@ pub(super) struct FileSources {
 
 /// The apiserver a pod reaches, from the variables Kubernetes sets in it.
 fn in_cluster() -> Option<String> {
-    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+    let host = std::env::var("KUBERNETES_SERVICE_HOST")
+        .ok()
+        .filter(|h| !h.is_empty())?;
     let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
     Some(if host.contains(':') {
         format!("https://[{host}]:{port}")
