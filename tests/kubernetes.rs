@@ -345,3 +345,32 @@ fn without_the_endpointslice_api_core_endpoints_are_watched() {
     );
     assert!(elb.stderr().contains("watching core/v1 Endpoints"));
 }
+
+#[test]
+fn a_forbidden_watch_is_shown_and_the_last_peers_stay() {
+    let api = ApiServer::start(TOKEN);
+    let dir = TempDir::new("k8s");
+    let (token, ca) = api.write_files(dir.path());
+    let a = Backend::start("a");
+    api.set_endpoint_slice("default", slice_for("web-a", &a, true, false));
+    let elb = elb_with(&dir, &api, &token, &ca, "", &[]);
+    put_domains(elb.admin_addr(), &json!({"k.test": to_backend("web")}));
+    expect_serving(&elb, "k.test", &["a"]);
+    // RBAC taken away: the next list is refused with 403. Cutting the
+    // watch (a compaction) makes the source list again.
+    api.set_forbidden(true);
+    api.compact();
+    assert!(
+        wait_until(EVENTUALLY, || {
+            kube_status(&elb)["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("403"))
+        }),
+        "{}",
+        kube_status(&elb)
+    );
+    assert!(elb.stderr().contains("403 Forbidden"), "{}", elb.stderr());
+    assert_eq!(serving(&elb, "k.test"), names(&["a"]));
+    api.set_forbidden(false);
+    assert!(wait_until(EVENTUALLY, || kube_status(&elb)["state"] == "up"));
+}
