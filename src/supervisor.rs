@@ -53,7 +53,9 @@ pub fn run(settings: Settings) -> i32 {
             return 1;
         }
     };
-    let region: &'static Region = match Region::create(settings.shm_size) {
+    // The limit rules' zone comes on top of --shm-size.
+    let zone = settings.ratelimit_zone();
+    let region: &'static Region = match Region::create_with_dict(settings.shm_size + zone, zone) {
         Ok(r) => Box::leak(Box::new(r)),
         Err(e) => {
             log::error!("{e}");

@@ -32,5 +32,5 @@ mod seqlock;
 pub mod slots;
 pub mod states;
 
-pub use layout::{Layout, MAX_WORKERS};
+pub use layout::{Layout, MAX_WORKERS, MIN_DICT};
 pub use region::{Region, RegionError};

@@ -15,11 +15,17 @@ const MAGIC: u64 = u64::from_le_bytes(*b"ELBSHM01");
 const OFF_MAGIC: usize = 0;
 const OFF_SIZE: usize = 8;
 const OFF_GENERATION: usize = 16;
+/// The dictionary zone's length: the layout depends on it.
+const OFF_DICT_LEN: usize = 24;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
     #[error("region size {0} is out of range (1m to 4g)")]
     Size(usize),
+    #[error(
+        "dictionary zone of {0} bytes does not fit a region of {1} (64k, whole pages, at most half)"
+    )]
+    DictSize(usize, usize),
     #[error("cannot create the region: {0}")]
     Create(#[source] std::io::Error),
     #[error("cannot map the region: {0}")]
@@ -36,9 +42,25 @@ pub struct Region {
 }
 
 impl Region {
-    /// Creates a fresh region of `size` bytes (master only).
+    /// Creates a fresh region of `size` bytes whose dictionary takes an
+    /// eighth of it.
     pub fn create(size: usize) -> Result<Region, RegionError> {
         let layout = Layout::for_size(size).ok_or(RegionError::Size(size))?;
+        Region::create_with(layout)
+    }
+
+    /// Creates a fresh region of `size` bytes whose dictionary (the zone of
+    /// the `limit` rules' buckets) takes `dict_len` of them (master only).
+    pub fn create_with_dict(size: usize, dict_len: usize) -> Result<Region, RegionError> {
+        if Layout::for_size(size).is_none() {
+            return Err(RegionError::Size(size));
+        }
+        let layout = Layout::new(size, dict_len).ok_or(RegionError::DictSize(dict_len, size))?;
+        Region::create_with(layout)
+    }
+
+    fn create_with(layout: Layout) -> Result<Region, RegionError> {
+        let size = layout.size;
         let fd = memfd_create(
             "elb-shm",
             MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
@@ -58,6 +80,9 @@ impl Region {
         // The memfd starts zeroed, which is the empty state of every zone;
         // only the header and the dictionary need writing.
         region.word(OFF_SIZE).store(size as u64, Ordering::Relaxed);
+        region
+            .word(OFF_DICT_LEN)
+            .store(layout.dict_len as u64, Ordering::Relaxed);
         crate::dict::init(&region);
         region.word(OFF_MAGIC).store(MAGIC, Ordering::Release);
         Ok(region)
@@ -67,14 +92,22 @@ impl Region {
     pub fn attach(fd: OwnedFd) -> Result<Region, RegionError> {
         let file = File::from(fd);
         let len = file.metadata().map_err(RegionError::Map)?.len() as usize;
-        let layout = Layout::for_size(len).ok_or(RegionError::NotARegion)?;
+        // The header, read through a layout valid for any region of this
+        // size, says how long the dictionary is; then the real layout.
+        let probe = Layout::for_size(len).ok_or(RegionError::NotARegion)?;
         let map = MmapRaw::map_raw(&file).map_err(RegionError::Map)?;
-        let region = Region { file, map, layout };
+        let mut region = Region {
+            file,
+            map,
+            layout: probe,
+        };
         if region.word(OFF_MAGIC).load(Ordering::Acquire) != MAGIC
             || region.word(OFF_SIZE).load(Ordering::Relaxed) != len as u64
         {
             return Err(RegionError::NotARegion);
         }
+        let dict_len = region.word(OFF_DICT_LEN).load(Ordering::Relaxed) as usize;
+        region.layout = Layout::new(len, dict_len).ok_or(RegionError::NotARegion)?;
         Ok(region)
     }
 

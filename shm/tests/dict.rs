@@ -441,6 +441,37 @@ fn incr_with_and_without_init() {
     d.check_consistency().expect("consistent");
 }
 
+fn update_int_reads_and_writes_under_one_lock() {
+    let region = Region::create(MIB).expect("region");
+    let d = region.dict();
+    // Absent: f sees None; what it returns is stored, with its expiry.
+    let (seen, out) = d
+        .update_int(b"b", |v, now| (Some((41, Some(ms(60_000)))), (v, now)))
+        .expect("update");
+    assert_eq!(seen.0, None);
+    assert!(seen.1 > 0, "the clock");
+    assert_eq!(out, NO_EVICTION);
+    assert_eq!(d.get(b"b"), Ok(Some((Value::Int(41), 0))));
+    assert!(d.ttl(b"b").expect("ttl").is_some());
+    // Present: f sees it; returning None leaves it as it is.
+    let (seen, _) = d.update_int(b"b", |v, _| (None, v)).expect("update");
+    assert_eq!(seen, Some(41));
+    assert_eq!(d.get(b"b"), Ok(Some((Value::Int(41), 0))));
+    // In place, with a new expiry (None: never).
+    d.update_int(b"b", |v, _| (Some((v.unwrap_or(0) + 1, None)), ()))
+        .expect("update");
+    assert_eq!(d.get(b"b"), Ok(Some((Value::Int(42), 0))));
+    assert_eq!(d.ttl(b"b"), Ok(None));
+    // A value that is not an integer reads as None and is replaced.
+    d.set(b"s", &Value::from("text"), None, 0).expect("set");
+    let (seen, _) = d
+        .update_int(b"s", |v, _| (Some((1, None)), v))
+        .expect("update");
+    assert_eq!(seen, None);
+    assert_eq!(d.get(b"s"), Ok(Some((Value::Int(1), 0))));
+    d.check_consistency().expect("consistent");
+}
+
 fn ttl_expire_and_expiry_happening() {
     let region = Region::create(MIB).expect("region");
     let d = region.dict();
@@ -920,6 +951,10 @@ fn main() {
         }),
         Trial::test("incr_with_and_without_init", || {
             incr_with_and_without_init();
+            Ok(())
+        }),
+        Trial::test("update_int_reads_and_writes_under_one_lock", || {
+            update_int_reads_and_writes_under_one_lock();
             Ok(())
         }),
         Trial::test("ttl_expire_and_expiry_happening", || {

@@ -79,6 +79,12 @@ impl EncodeMetric for Counted {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    domain: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ArenaLabels {
     state: String,
 }
@@ -236,6 +242,28 @@ pub(super) fn answer(store: &Store) -> Answer {
         "config_arena_bytes",
         "Bytes of the shared region's configuration arena",
         arena,
+    );
+
+    let rejected = Family::<LimitLabels, Counter>::default();
+    for (domain, rule) in store.limit_rules() {
+        rejected
+            .get_or_create(&LimitLabels {
+                domain: domain.to_string(),
+                rule: rule.to_string(),
+            })
+            .inc_by(elb_workers::limit::rejected(region, domain, rule));
+    }
+    registry.register(
+        "limit_rejected",
+        "Requests a limit rule refused (answered 429, or sent on its fail branch)",
+        rejected,
+    );
+    let evicted = Counter::<u64>::default();
+    evicted.inc_by(elb_workers::limit::evictions(region));
+    registry.register(
+        "limit_evictions",
+        "Rate-limit buckets dropped before they drained, to make room in the zone",
+        evicted,
     );
 
     let panics = Counter::<u64>::default();

@@ -18,6 +18,29 @@ struct Status<'a> {
     /// `null` unless `[kubernetes]` is set.
     kubernetes: Option<&'a SourceStatus>,
     region: Region,
+    /// Every `limit` rule with the requests it refused.
+    limits: Vec<LimitCount<'a>>,
+    /// The dictionary that holds the `limit` rules' buckets.
+    limit_zone: LimitZone,
+}
+
+#[derive(Serialize)]
+struct LimitZone {
+    size: usize,
+    free: usize,
+    /// Buckets dropped before they drained, to make room.
+    evictions: u64,
+    /// Times a process died holding its lock and the next one repaired it.
+    repairs: u64,
+    /// Every invariant of the zone holds (checked now, under its lock).
+    consistent: bool,
+}
+
+#[derive(Serialize)]
+struct LimitCount<'a> {
+    domain: &'a str,
+    rule: &'a str,
+    rejected: u64,
 }
 
 #[derive(Serialize)]
@@ -60,6 +83,25 @@ pub(super) fn answer(store: &Store) -> Answer {
         generation: store.generation(),
         etcd: store.etcd_status(),
         kubernetes: store.kubernetes_status(),
+        limit_zone: {
+            let dict = region.dict();
+            LimitZone {
+                size: dict.capacity(),
+                free: dict.free_space(),
+                evictions: elb_workers::limit::evictions(region),
+                repairs: dict.repair_count(),
+                consistent: dict.check_consistency().is_ok(),
+            }
+        },
+        limits: store
+            .limit_rules()
+            .into_iter()
+            .map(|(domain, rule)| LimitCount {
+                domain,
+                rule,
+                rejected: elb_workers::limit::rejected(region, domain, rule),
+            })
+            .collect(),
         region: Region {
             size: region.layout().size,
             used,

@@ -57,6 +57,13 @@ struct File {
     logcheck: Option<FileLogCheck>,
     kubernetes: Option<FileKubernetes>,
     sources: Option<FileSources>,
+    ratelimit: Option<FileRateLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRateLimit {
+    zone_size: Option<SizeValue>,
 }
 
 #[derive(Deserialize)]
@@ -315,6 +322,16 @@ pub(super) fn apply(s: &mut Settings, path: &str) -> Result<(), SettingsError> {
                 }
             };
         }
+    }
+    if let Some(z) = f.ratelimit.and_then(|r| r.zone_size) {
+        let origin = o("ratelimit.zone_size");
+        let bytes = parse_size(&origin, &size_text(z))?;
+        // Whole pages; 64k at least, as a lua_shared_dict needs room.
+        let bytes = usize::try_from(bytes)
+            .ok()
+            .filter(|b| *b >= elb_shm::MIN_DICT && *b <= 1 << 31)
+            .ok_or_else(|| invalid(&origin, format!("'{bytes}' is not from 64k to 2g")))?;
+        s.ratelimit_zone_size = Some(bytes.next_multiple_of(4096));
     }
     if let Some(k) = f.kubernetes {
         apply_kubernetes(s, k, &o)?;

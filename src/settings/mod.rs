@@ -102,9 +102,21 @@ pub struct Settings {
     pub upstream: RetryPolicy,
     pub healthcheck: HealthCheck,
     pub logcheck: LogCheck,
+    /// `[ratelimit] zone_size`, when set ([`Settings::ratelimit_zone`]).
+    pub ratelimit_zone_size: Option<usize>,
     /// The Kubernetes source, when `[kubernetes]` is present.
     pub kubernetes: Option<Kubernetes>,
     pub sources: SourcePolicy,
+}
+
+impl Settings {
+    /// Bytes of the dictionary that holds the `limit` rules' buckets, in
+    /// the region beside `shm_size`: as set, else 16m (or `shm_size`, when
+    /// that is smaller).
+    pub fn ratelimit_zone(&self) -> usize {
+        self.ratelimit_zone_size
+            .unwrap_or_else(|| (16 << 20).min(self.shm_size & !4095))
+    }
 }
 
 impl Default for Settings {
@@ -161,6 +173,7 @@ impl Default for Settings {
                 interval: Duration::from_secs(5),
                 recover: Duration::from_secs(60),
             },
+            ratelimit_zone_size: None,
             kubernetes: None,
             sources: SourcePolicy::default(),
         }
@@ -190,6 +203,13 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Command, Sett
         file::apply(&mut s, path)?;
     }
     parsed.apply(&mut s)?;
+    // The zone may take at most half of the region it is added to.
+    if let Some(z) = s.ratelimit_zone_size.filter(|z| *z > s.shm_size) {
+        return Err(invalid(
+            "ratelimit.zone_size",
+            format!("{z} bytes is more than shm_size ({} bytes)", s.shm_size),
+        ));
+    }
     Ok(if parsed.check() {
         Command::Check(Box::new(s))
     } else {
@@ -279,6 +299,7 @@ impl fmt::Display for Settings {
         writeln!(f, "logcheck.enable = {}", l.enable)?;
         writeln!(f, "logcheck.interval = {}", secs(l.interval))?;
         writeln!(f, "logcheck.recover = {}", secs(l.recover))?;
+        writeln!(f, "ratelimit.zone_size = {}", self.ratelimit_zone())?;
         sources::describe(self.kubernetes.as_ref(), &self.sources, f)
     }
 }

@@ -341,6 +341,21 @@ impl Store {
         &self.domains
     }
 
+    /// Every `limit` rule in force: (domain, rule name).
+    pub fn limit_rules(&self) -> Vec<(&str, &str)> {
+        self.domains
+            .iter()
+            .flat_map(|(d, set)| {
+                set["rules"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, r)| r["type"] == "limit")
+                    .map(move |(name, _)| (d.as_str(), name.as_str()))
+            })
+            .collect()
+    }
+
     pub fn upstreams(&self) -> &BTreeMap<String, Upstream> {
         &self.upstreams
     }
@@ -588,10 +603,8 @@ impl Store {
             .iter()
             .map(|n| {
                 let existed = self.upstreams.contains_key(n);
-                self.sources.set(SourceKind::Etcd, n, None);
                 // Kubernetes' peers of that name, if any, stay in force.
-                let mut out = Applied::default();
-                self.apply_upstream(n.clone(), self.sources.effective(n), &mut out);
+                self.apply_source(SourceKind::Etcd, n.clone(), None, &mut Applied::default());
                 existed
             })
             .collect();
@@ -604,9 +617,7 @@ impl Store {
     pub fn apply_kubernetes(&mut self, lists: Vec<(String, Option<ResolvedPeers>)>) -> Applied {
         let mut out = Applied::default();
         for (name, list) in lists {
-            self.sources.set(SourceKind::Kubernetes, &name, list);
-            let effective = self.sources.effective(&name);
-            self.apply_upstream(name, effective, &mut out);
+            self.apply_source(SourceKind::Kubernetes, name, list, &mut out);
         }
         if out.changed > 0 {
             self.publish();
@@ -685,14 +696,26 @@ impl Store {
                 out.errors.push(e);
                 continue;
             }
-            self.sources.set(SourceKind::Etcd, &name, list);
-            let effective = self.sources.effective(&name);
-            self.apply_upstream(name, effective, &mut out);
+            self.apply_source(SourceKind::Etcd, name, list, &mut out);
         }
         if out.changed > 0 {
             self.publish();
         }
         out
+    }
+
+    /// `source` now says `list` for `name`: what both sources make of it
+    /// goes in force (not published yet).
+    fn apply_source(
+        &mut self,
+        source: SourceKind,
+        name: String,
+        list: Option<ResolvedPeers>,
+        out: &mut Applied,
+    ) {
+        self.sources.set(source, &name, list);
+        let effective = self.sources.effective(&name);
+        self.apply_upstream(name, effective, out);
     }
 
     /// Puts `name`'s peers in force (not published yet); none removes it.

@@ -18,6 +18,7 @@ pub mod health;
 pub mod http;
 #[allow(unsafe_code)]
 mod inherit;
+pub mod limit;
 mod pool;
 pub mod published;
 mod route;

@@ -13,8 +13,9 @@ use crate::access::Access;
 use crate::balance;
 use crate::health::{HealthSlot, PeerHealth};
 use crate::http::{self, RequestHead};
+use crate::limit;
 use crate::published::{PeerRecord, UpstreamRecord};
-use crate::rules::{Decision, Scratch};
+use crate::rules::{Decision, Limit, LimitKey, Scratch};
 use crate::view::View;
 
 const ADMIN_PREFIX: &[u8] = b"/__erulb__/";
@@ -27,6 +28,8 @@ pub(crate) enum Routed {
     /// No peer can take it (every one down or out, or a `servername` that
     /// is neither an upstream nor an address).
     NoPeer,
+    /// A `limit` rule refused it: 429, `Retry-After` in seconds.
+    Limited { retry_after: u64 },
     /// Proxy to this peer; `upstream` names the upstream it was picked from
     /// (none for a direct `host:port`), to pick another on a retry.
     Peer {
@@ -43,6 +46,8 @@ pub(crate) struct Router {
     host: Vec<u8>,
     /// The counters entry of the domain the last request matched.
     counters: Option<u32>,
+    /// The key of the `limit` bucket being checked.
+    bucket: Vec<u8>,
 }
 
 /// What routing needs besides the request.
@@ -89,8 +94,18 @@ impl Router {
         };
         self.counters = counters;
         let ua = head.user_agent.clone().map(|r| &buf[r]);
-        match rules.route(path, ua, &mut self.scratch) {
+        let (host, bucket) = (&self.host, &mut self.bucket);
+        let mut limiter = |l: &Limit| {
+            let key = match &l.key {
+                LimitKey::RemoteAddr => None,
+                LimitKey::Host => Some(host.as_slice()),
+                LimitKey::Header(name) => header(buf, head, name.as_bytes()),
+            };
+            limit::check(ctx.region, bucket, host, l, key, ctx.client)
+        };
+        match rules.route(path, ua, &mut self.scratch, &mut limiter) {
             Decision::Forbidden => Routed::Status(403),
+            Decision::Limited { retry_after, .. } => Routed::Limited { retry_after },
             Decision::Backend {
                 servername,
                 headers,

@@ -360,6 +360,64 @@ impl Dict<'_> {
         })
     }
 
+    /// Reads the integer under `key` and stores what `f` makes of it, in
+    /// one hold of the lock, so that updates from every process apply one
+    /// after the other (a rate limiter's bucket). `f` gets the value (`None`
+    /// when absent, expired or not an integer) and the time now, in
+    /// `CLOCK_MONOTONIC` milliseconds; it returns what to store, with its
+    /// expiry, or `None` to leave the key as it is (it still counts as
+    /// used, for the LRU), and an answer for the caller. Storing evicts the least recently used items when memory is
+    /// short, as [`Dict::set`] does (reported in the outcome). `f` runs with
+    /// the lock held: it must be quick and must not panic.
+    pub fn update_int<R>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(Option<i64>, u64) -> (Option<(i64, Option<Duration>)>, R),
+    ) -> Result<(R, SetOutcome), DictError> {
+        check_key(key)?;
+        let class = self.class_for(key.len(), 8)?;
+        self.with(|z| {
+            let now = now_ms();
+            let hash = z.hash(key);
+            let found = z
+                .find(key, hash)?
+                .filter(|f| !is_expired(f.item.expires, now) && f.item.vtype == T_INT);
+            let current = found
+                .as_ref()
+                .map(|f| z.w64(f.item.value_off()).load(Relaxed) as i64);
+            let (store, answer) = f(current, now);
+            let Some((new, ttl)) = store else {
+                // Read, it was used: as nginx's limit_req, a bucket that
+                // refuses requests is a busy one, not one to evict.
+                if let Some(f) = found {
+                    z.lru_touch(f.item.off)?;
+                }
+                return Ok((answer, SetOutcome::default()));
+            };
+            if let Some(f) = found {
+                z.w64(f.item.value_off()).store(new as u64, Release);
+                z.blk64(f.item.off, B_EXPIRES)
+                    .store(expiry(now, ttl), Release);
+                z.lru_touch(f.item.off)?;
+                return Ok((answer, SetOutcome::default()));
+            }
+            let value = Value::Int(new);
+            let enc = Enc::new(&value);
+            let out = z.store(
+                key,
+                hash,
+                &enc,
+                class,
+                expiry(now, ttl),
+                0,
+                Mode::Set,
+                false,
+                now,
+            )?;
+            Ok((answer, out))
+        })
+    }
+
     /// Time to live of `key`: `None` if it never expires. Absent or expired
     /// keys are [`DictError::NotFound`].
     pub fn ttl(&self, key: &[u8]) -> Result<Option<Duration>, DictError> {

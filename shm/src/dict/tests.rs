@@ -154,6 +154,25 @@ fn every_crash_point_of_every_operation_is_repairable() {
             Some(Value::Int(6)),
         ),
         case(
+            "update_int in place",
+            set(Value::Int(10)),
+            Box::new(|d| {
+                drop(d.update_int(b"x", |v, _| {
+                    (
+                        Some((v.unwrap_or(0) * 2, Some(Duration::from_secs(60)))),
+                        (),
+                    )
+                }))
+            }),
+            Some(Value::Int(20)),
+        ),
+        case(
+            "update_int new",
+            Box::new(|d| drop(d.delete(b"x"))),
+            Box::new(|d| drop(d.update_int(b"x", |v, _| (Some((v.unwrap_or(7), None)), ())))),
+            Some(Value::Int(7)),
+        ),
+        case(
             "expire",
             set(Value::Int(1)),
             Box::new(|d| drop(d.expire(b"x", Some(Duration::from_secs(3600))))),

@@ -16,6 +16,7 @@ pub fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         413 => "Content Too Large",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
@@ -65,6 +66,23 @@ pub fn error_page(out: &mut Vec<u8>, status: u16, keep_alive: bool) -> usize {
     let body = format!("{status} {}\n", reason(status));
     response(out, status, "text/plain", body.as_bytes(), keep_alive);
     body.len()
+}
+
+/// Appends the 429 of a `limit` rule, with `Retry-After` (seconds); returns
+/// its body's length.
+pub fn too_many_requests(out: &mut Vec<u8>, retry_after: u64, keep_alive: bool) -> usize {
+    use std::io::Write;
+    const BODY: &[u8] = b"429 Too Many Requests\n";
+    status_line(out, 429, reason(429).as_bytes());
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "Server: elb\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nRetry-After: {retry_after}\r\nConnection: {}\r\n\r\n",
+        BODY.len(),
+        if keep_alive { "keep-alive" } else { "close" },
+    );
+    out.extend_from_slice(BODY);
+    BODY.len()
 }
 
 #[cfg(test)]

@@ -31,6 +31,10 @@ use std::sync::{Mutex, TryLockError};
 use regex::bytes::{CaptureLocations, Regex, RegexBuilder};
 use serde_json::{Map, Value};
 
+mod limit;
+
+pub use limit::{Limit, LimitKey, Verdict};
+
 /// Most rules one rule set may hold.
 pub const MAX_RULES: usize = 1000;
 /// Longest pattern, in bytes.
@@ -58,7 +62,7 @@ pub enum RuleError {
     RuleNotObject { rule: String },
     #[error("rule '{rule}': type is missing or not a string")]
     TypeMissing { rule: String },
-    #[error("rule '{rule}': unknown type '{ty}' (expected ua, path or backend)")]
+    #[error("rule '{rule}': unknown type '{ty}' (expected ua, path, limit or backend)")]
     UnknownType { rule: String, ty: String },
     #[error("rule '{rule}': args is missing or not an object")]
     ArgsNotObject { rule: String },
@@ -88,6 +92,12 @@ pub enum RuleError {
     BadHeaderName { rule: String, name: String },
     #[error("rule '{rule}': the value of '{name}' cannot be sent in a request header")]
     BadHeaderValue { rule: String, name: String },
+    #[error("rule '{rule}': {key} {why}")]
+    BadLimit {
+        rule: String,
+        key: &'static str,
+        why: String,
+    },
 }
 
 /// A compiled rule set.
@@ -121,6 +131,9 @@ pub enum Decision<'s> {
     /// The walk reached a rule with no `succ` (or `fail`) for its outcome:
     /// answer 403.
     Forbidden,
+    /// A `limit` rule without `fail` refused it: answer 429, with
+    /// `Retry-After` in seconds.
+    Limited { rule: &'s str, retry_after: u64 },
 }
 
 #[derive(Debug)]
@@ -146,6 +159,8 @@ enum Test {
     PathRegex(Regex),
     /// The path contains a match; the path becomes its first group.
     Rewrite(Regex, Mutex<CaptureLocations>),
+    /// Within the rate of the rule's bucket.
+    Limit(Limit),
 }
 
 impl RuleSet {
@@ -194,11 +209,14 @@ impl RuleSet {
     /// `scratch` is a per-worker buffer reused across requests (no allocation
     /// per request once warm): when a rewrite happened, the final path is
     /// left in `scratch.path` and `Decision::Backend.rewritten` is true.
+    /// `limiter` decides each `limit` rule the walk meets (the caller owns
+    /// the buckets; rule sets without limits never call it).
     pub fn route<'s>(
         &'s self,
         path: &[u8],
         user_agent: Option<&[u8]>,
         scratch: &mut Scratch,
+        limiter: &mut dyn FnMut(&Limit) -> Verdict,
     ) -> Decision<'s> {
         let mut rewritten = false;
         let mut ua_ready = false;
@@ -246,6 +264,16 @@ impl RuleSet {
                         }
                     }
                 }
+                Test::Limit(l) => match limiter(l) {
+                    Verdict::Pass => true,
+                    Verdict::Over { retry_after } if fail.is_none() => {
+                        return Decision::Limited {
+                            rule: &l.name,
+                            retry_after,
+                        };
+                    }
+                    Verdict::Over { .. } => false,
+                },
             };
             match if matched { succ } else { fail } {
                 Some(next) => at = next,
@@ -335,6 +363,7 @@ fn compile_rule(name: &str, rule: &Value, index: &HashMap<&str, usize>) -> Resul
     let test = match ty {
         "backend" => return compile_backend(name, args()?),
         "ua" => Test::Ua(compile_regex(name, pattern(name, args()?)?)?),
+        "limit" => Test::Limit(Limit::compile(name, args()?)?),
         "path" => {
             let args = args()?;
             let pattern = pattern(name, args)?;

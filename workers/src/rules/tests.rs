@@ -28,8 +28,10 @@ fn go_with(
     ua: Option<&str>,
     scratch: &mut Scratch,
 ) -> Option<(String, String)> {
-    match s.route(path.as_bytes(), ua.map(str::as_bytes), scratch) {
-        Decision::Forbidden => None,
+    match s.route(path.as_bytes(), ua.map(str::as_bytes), scratch, &mut |_| {
+        Verdict::Pass
+    }) {
+        Decision::Forbidden | Decision::Limited { .. } => None,
         Decision::Backend {
             servername,
             rewritten,
@@ -206,7 +208,7 @@ fn patterns_match_bytes_as_pcre_without_utf8() {
     let s = path_rule(json!({"pattern": "^/.$", "regex": true}));
     let mut scratch = Scratch::default();
     assert!(matches!(
-        s.route(b"/\xff", None, &mut scratch),
+        s.route(b"/\xff", None, &mut scratch, &mut |_| Verdict::Pass),
         Decision::Backend {
             servername: "yes",
             ..
@@ -437,7 +439,7 @@ fn extra_backend_args_become_headers() {
         servername,
         headers,
         rewritten,
-    } = s.route(b"/", None, &mut scratch)
+    } = s.route(b"/", None, &mut scratch, &mut |_| Verdict::Pass)
     else {
         panic!("forbidden");
     };
@@ -466,7 +468,7 @@ fn extra_backend_args_become_headers() {
         json!({"init": "b", "rules": {"b": {"type": "backend", "args": {"servername": "up"}}}}),
     );
     assert!(matches!(
-        s.route(b"/", None, &mut scratch),
+        s.route(b"/", None, &mut scratch, &mut |_| Verdict::Pass),
         Decision::Backend { headers: [], .. }
     ));
 }
@@ -661,13 +663,13 @@ fn accepts_shared_successors_and_long_chains() {
 fn refuses_unknown_or_missing_type() {
     assert_eq!(
         refused(json!({"init": "a", "rules": {"a": {"type": "cookie", "args": {}}}})),
-        "rule 'a': unknown type 'cookie' (expected ua, path or backend)"
+        "rule 'a': unknown type 'cookie' (expected ua, path, limit or backend)"
     );
     assert_eq!(
         refused(
             json!({"init": "a", "rules": {"a": {"type": "Backend", "args": {"servername": "x"}}}})
         ),
-        "rule 'a': unknown type 'Backend' (expected ua, path or backend)"
+        "rule 'a': unknown type 'Backend' (expected ua, path, limit or backend)"
     );
     assert_eq!(
         refused(json!({"init": "a", "rules": {"a": {"args": {"servername": "x"}}}})),
@@ -801,5 +803,54 @@ fn from_slice_parses_json_text() {
     assert_eq!(
         RuleSet::from_slice(b"[1]").err(),
         Some(RuleError::NotObject)
+    );
+}
+
+#[test]
+fn a_limit_rule_follows_succ_within_the_rate_and_fail_or_429_over_it() {
+    let with_fail = set(json!({"init": "l", "rules": {
+        "l": {"type": "limit", "args": {"rate": "5r/s", "burst": 2, "key": "header:X-Api-Key",
+                                        "succ": "main", "fail": "cheap"}},
+        "main": {"type": "backend", "args": {"servername": "main"}},
+        "cheap": {"type": "backend", "args": {"servername": "cheap"}}
+    }}));
+    let mut scratch = Scratch::default();
+    let mut seen = Vec::new();
+    let mut verdict = Verdict::Pass;
+    let mut walk = |s: &RuleSet, v: Verdict, seen: &mut Vec<Limit>| match s.route(
+        b"/",
+        None,
+        &mut scratch,
+        &mut |l| {
+            seen.push(l.clone());
+            v
+        },
+    ) {
+        Decision::Backend { servername, .. } => servername.to_owned(),
+        Decision::Limited { rule, retry_after } => format!("429 {rule} {retry_after}"),
+        Decision::Forbidden => "403".into(),
+    };
+    assert_eq!(walk(&with_fail, verdict, &mut seen), "main");
+    assert_eq!(seen[0].key, LimitKey::Header("x-api-key".into()));
+    verdict = Verdict::Over { retry_after: 3 };
+    assert_eq!(walk(&with_fail, verdict, &mut seen), "cheap");
+    let no_fail = set(json!({"init": "l", "rules": {
+        "l": {"type": "limit", "args": {"rate": "5r/s", "succ": "main"}},
+        "main": {"type": "backend", "args": {"servername": "main"}}
+    }}));
+    assert_eq!(walk(&no_fail, verdict, &mut seen), "429 l 3");
+    // Rule sets without a limit never ask.
+    let plain = path_rule(json!({"pattern": "/"}));
+    let asked = seen.len();
+    walk(&plain, verdict, &mut seen);
+    assert_eq!(seen.len(), asked);
+    // A bad limit is refused naming the rule and the key.
+    let bad = RuleSet::from_json(&json!({"init": "l", "rules": {
+        "l": {"type": "limit", "args": {"rate": "5r/h", "succ": "l2"}},
+        "l2": {"type": "backend", "args": {"servername": "x"}}
+    }}));
+    assert!(
+        matches!(bad, Err(RuleError::BadLimit { ref rule, key: "rate", .. }) if rule == "l"),
+        "{bad:?}"
     );
 }

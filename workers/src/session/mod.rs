@@ -304,6 +304,19 @@ impl Session {
 
     /// Answers here. Keeping the connection needs no unread request body.
     fn answer_local(&mut self, cx: &mut Cx<'_>, status: u16, keep: bool) {
+        self.answer_with(cx, status, keep, |out| {
+            http::write::error_page(out, status, keep)
+        });
+    }
+
+    /// Answers here with what `page` writes (it returns the body's length).
+    fn answer_with(
+        &mut self,
+        cx: &mut Cx<'_>,
+        status: u16,
+        keep: bool,
+        page: impl FnOnce(&mut Vec<u8>) -> usize,
+    ) {
         if let Phase::Exchange(x) = &mut self.phase {
             if let Some(up) = x.up.take() {
                 cx.pool.release(up);
@@ -315,7 +328,7 @@ impl Session {
             }
         }
         self.count(cx.region, cx.args, status, cx.now);
-        let body = http::write::error_page(&mut self.out, status, keep);
+        let body = page(&mut self.out);
         self.rec.body_bytes = body as u64;
         self.end_record(cx.log.as_deref_mut(), status, cx.now);
         self.enter(if keep {
@@ -401,6 +414,13 @@ impl Session {
             Routed::NoPeer => {
                 let err = ProxyError::from(ErrorKind::NoPeer);
                 self.answer_local(cx, err.status(), keep && !has_body);
+                return Ok(true);
+            }
+            Routed::Limited { retry_after } => {
+                let keep = keep && !has_body;
+                self.answer_with(cx, 429, keep, |out| {
+                    http::write::too_many_requests(out, retry_after, keep)
+                });
                 return Ok(true);
             }
             Routed::Peer { peer, upstream } => (Some(peer), upstream),

@@ -1,0 +1,88 @@
+//! The buckets of `limit` rules (`rules::Limit`), in the region's
+//! dictionary: one integer per (domain, rule, key), read and written in one
+//! hold of the dictionary's lock, so every worker counts into the same
+//! bucket. A request meets the lock only when its walk reaches a `limit`
+//! rule. Rejections are counted in the dictionary too, per domain and rule,
+//! for the master's `/metrics` and `/status`.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use elb_shm::Region;
+use elb_shm::dict::Value;
+
+use crate::rules::{Limit, Verdict};
+
+// Keys of the dictionary that are not buckets start with 0x01, which no
+// domain name does.
+const REJECTED: &[u8] = b"\x01rejected\x00";
+const EVICTIONS: &[u8] = b"\x01evictions";
+
+/// The verdict of `l`'s bucket for a request of `domain` keyed by `key`
+/// (the client's address when `None`). `bucket` is the caller's buffer for
+/// the dictionary key. A dictionary that cannot answer (it never should)
+/// lets the request pass: a limit is not worth an outage.
+pub(crate) fn check(
+    region: &Region,
+    bucket: &mut Vec<u8>,
+    domain: &[u8],
+    l: &Limit,
+    key: Option<&[u8]>,
+    client: IpAddr,
+) -> Verdict {
+    bucket.clear();
+    bucket.extend_from_slice(domain);
+    bucket.push(0);
+    bucket.extend_from_slice(l.name.as_bytes());
+    bucket.push(0);
+    match key {
+        Some(k) => bucket.extend_from_slice(k),
+        // Writing into a Vec cannot fail.
+        None => drop(write!(bucket, "{client}")),
+    }
+    let dict = region.dict();
+    let answer = dict.update_int(bucket, |state, now| {
+        let (next, verdict) = l.admit(state, now);
+        let store = next.map(|(s, ttl_ms)| (s, Some(Duration::from_millis(ttl_ms))));
+        (store, verdict)
+    });
+    match answer {
+        Ok((verdict, outcome)) => {
+            if outcome.forcible {
+                let _ = dict.incr(EVICTIONS, 1, Some(0), None);
+            }
+            if let Verdict::Over { .. } = verdict {
+                bucket.clear();
+                bucket.extend_from_slice(REJECTED);
+                bucket.extend_from_slice(domain);
+                bucket.push(0);
+                bucket.extend_from_slice(l.name.as_bytes());
+                let _ = dict.incr(bucket, 1, Some(0), None);
+            }
+            verdict
+        }
+        Err(e) => {
+            log::debug!("limit {}: the dictionary refused the bucket: {e}", l.name);
+            Verdict::Pass
+        }
+    }
+}
+
+/// Requests the `limit` rule `rule` of `domain` refused, in all workers.
+pub fn rejected(region: &Region, domain: &str, rule: &str) -> u64 {
+    let key = [REJECTED, domain.as_bytes(), b"\0", rule.as_bytes()].concat();
+    counter(region, &key)
+}
+
+/// Buckets evicted while they had not drained, to make room.
+pub fn evictions(region: &Region) -> u64 {
+    counter(region, EVICTIONS)
+}
+
+fn counter(region: &Region, key: &[u8]) -> u64 {
+    match region.dict().get(key) {
+        Ok(Some((Value::Int(n), _))) => u64::try_from(n).unwrap_or(0),
+        _ => 0,
+    }
+}
