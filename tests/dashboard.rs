@@ -86,7 +86,8 @@ fn the_dashboard_draws_domains_rules_and_peers_without_error() {
         &json!({
             "shop.test": {"init": "by_agent", "rules": {
                 "by_agent": {"type": "ua", "args": {"pattern": "curl", "succ": "to_blog", "fail": "blog_path"}},
-                "blog_path": {"type": "path", "args": {"pattern": "/blog/", "succ": "to_blog", "fail": "to_web"}},
+                "blog_path": {"type": "path", "args": {"pattern": "/blog/", "succ": "to_blog", "fail": "throttle"}},
+                "throttle": {"type": "limit", "args": {"rate": "10r/s", "burst": 5, "succ": "to_web"}},
                 "to_blog": {"type": "backend", "args": {"servername": "blog"}},
                 "to_web": {"type": "backend", "args": {"servername": "web"}}
             }},
@@ -117,12 +118,22 @@ fn the_dashboard_draws_domains_rules_and_peers_without_error() {
             "{domain}:\n{dom}"
         );
     }
-    for rule in ["by_agent", "blog_path", "to_blog", "to_web", "only"] {
+    for rule in [
+        "by_agent",
+        "blog_path",
+        "throttle",
+        "to_blog",
+        "to_web",
+        "only",
+    ] {
         assert!(
             dom.contains(&format!(r#"data-rule="{rule}""#)),
             "{rule}:\n{dom}"
         );
     }
+    // A limit draws with its rate, and its end without `fail` says 429.
+    assert!(dom.contains("limit 10r/s +5 by remote_"), "{dom}");
+    assert!(dom.contains(">429<"), "{dom}");
     assert!(dom.contains(r#"data-upstream="web""#), "{dom}");
     assert!(dom.contains(r#"data-upstream="blog""#), "{dom}");
     for peer in [a.host_port(), b.host_port()] {
