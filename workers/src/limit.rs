@@ -5,8 +5,6 @@
 //! rule. Rejections are counted in the dictionary too, per domain and rule,
 //! for the master's `/metrics` and `/status`.
 
-use std::io::Write;
-use std::net::IpAddr;
 use std::time::Duration;
 
 use elb_shm::Region;
@@ -19,28 +17,22 @@ use crate::rules::{Limit, Verdict};
 const REJECTED: &[u8] = b"\x01rejected\x00";
 const EVICTIONS: &[u8] = b"\x01evictions";
 
-/// The verdict of `l`'s bucket for a request of `domain` keyed by `key`
-/// (the client's address when `None`). `bucket` is the caller's buffer for
-/// the dictionary key. A dictionary that cannot answer (it never should)
+/// The verdict of `l`'s bucket for a request of `domain` keyed by `key`.
+/// `bucket` is the caller's buffer for the dictionary key. A dictionary that cannot answer (it never should)
 /// lets the request pass: a limit is not worth an outage.
 pub(crate) fn check(
     region: &Region,
     bucket: &mut Vec<u8>,
     domain: &[u8],
     l: &Limit,
-    key: Option<&[u8]>,
-    client: IpAddr,
+    key: &[u8],
 ) -> Verdict {
     bucket.clear();
     bucket.extend_from_slice(domain);
     bucket.push(0);
     bucket.extend_from_slice(l.name.as_bytes());
     bucket.push(0);
-    match key {
-        Some(k) => bucket.extend_from_slice(k),
-        // Writing into a Vec cannot fail.
-        None => drop(write!(bucket, "{client}")),
-    }
+    bucket.extend_from_slice(key);
     let dict = region.dict();
     let answer = dict.update_int(bucket, |state, now| {
         let (next, verdict) = l.admit(state, now);

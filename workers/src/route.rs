@@ -3,7 +3,6 @@
 //! it. Reads only the worker's view and the region's atomics; allocates
 //! nothing once its buffers are warm.
 
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 
@@ -56,6 +55,8 @@ pub(crate) struct RouteCtx<'a> {
     pub region: &'a Region,
     pub access: &'a Access,
     pub client: IpAddr,
+    /// `client` as text, formatted once per connection.
+    pub client_text: &'a [u8],
 }
 
 impl Router {
@@ -80,7 +81,7 @@ impl Router {
             if !ctx.access.admits(ctx.client, auth) {
                 return Routed::Status(403);
             }
-            write_head(out, buf, head, path, query, &[], ctx.client);
+            write_head(out, buf, head, path, query, &[], ctx.client_text);
             return Routed::Admin;
         }
         let Some(host) = head.host.clone() else {
@@ -101,7 +102,7 @@ impl Router {
                 LimitKey::Host => Some(host.as_slice()),
                 LimitKey::Header(name) => header(buf, head, name.as_bytes()),
             };
-            limit::check(ctx.region, bucket, host, l, key, ctx.client)
+            limit::check(ctx.region, bucket, host, l, key.unwrap_or(ctx.client_text))
         };
         match rules.route(path, ua, &mut self.scratch, &mut limiter) {
             Decision::Forbidden => Routed::Status(403),
@@ -139,7 +140,7 @@ impl Router {
                 } else {
                     path
                 };
-                write_head(out, buf, head, path, query, headers, ctx.client);
+                write_head(out, buf, head, path, query, headers, ctx.client_text);
                 target
             }
         }
@@ -274,7 +275,7 @@ fn write_head(
     path: &[u8],
     query: &[u8],
     extra: &[(String, String)],
-    client: IpAddr,
+    client: &[u8],
 ) {
     out.extend_from_slice(head.method(buf));
     out.push(b' ');
@@ -294,16 +295,15 @@ fn write_head(
             http::write::header(out, name, &buf[v.clone()]);
         }
     }
-    // Writing into a Vec cannot fail.
-    let _ = write!(
-        out,
-        "X-Real-IP: {client}\r\nREMOTE-HOST: {client}\r\nX-Forwarded-For: "
-    );
+    http::write::header(out, b"X-Real-IP", client);
+    http::write::header(out, b"REMOTE-HOST", client);
+    out.extend_from_slice(b"X-Forwarded-For: ");
     if let Some(xff) = forwarded_for.filter(|x| !x.is_empty()) {
         out.extend_from_slice(xff);
         out.extend_from_slice(b", ");
     }
-    let _ = write!(out, "{client}\r\n");
+    out.extend_from_slice(client);
+    out.extend_from_slice(b"\r\n");
     for (name, value) in extra {
         http::write::header(out, name.as_bytes(), value.as_bytes());
     }
@@ -339,15 +339,7 @@ mod tests {
         let head = parse_request(raw, 1 << 16).expect("ok").expect("complete");
         let mut out = Vec::new();
         let extra = vec![("expires".to_string(), "30d".to_string())];
-        write_head(
-            &mut out,
-            raw,
-            &head,
-            b"/new",
-            b"?q=1",
-            &extra,
-            "192.0.2.7".parse().expect("ip"),
-        );
+        write_head(&mut out, raw, &head, b"/new", b"?q=1", &extra, b"192.0.2.7");
         let text = String::from_utf8(out).expect("utf8");
         assert!(
             text.starts_with("GET /new?q=1 HTTP/1.1\r\nHost: Example.com\r\n"),

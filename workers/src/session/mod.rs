@@ -103,7 +103,13 @@ impl Phase {
 pub(crate) struct Session {
     pub client: TcpStream,
     pub client_addr: SocketAddr,
+    /// The client's address as text, for the headers sent upstream and the
+    /// rate limiter's key: formatted once per connection.
+    client_text: Vec<u8>,
     inbuf: Vec<u8>,
+    /// `inbuf`'s length when its head was last found incomplete: parsing
+    /// again is useless until more bytes arrive.
+    head_tried: usize,
     out: Vec<u8>,
     out_pos: usize,
     client_eof: bool,
@@ -139,7 +145,9 @@ impl Session {
         Session {
             client,
             client_addr,
+            client_text: client_addr.ip().to_string().into_bytes(),
             inbuf: Vec::new(),
+            head_tried: 0,
             out: Vec::new(),
             out_pos: 0,
             client_eof: false,
@@ -350,12 +358,28 @@ impl Session {
         let max_head = cx.args.limits.max_header_size;
         let mut progress = false;
         // A pipelined request may already be buffered; read only for more.
-        let parsed = match parse_request_into(&self.inbuf, max_head, std::mem::take(cx.headers)) {
+        // A head is parsed only when bytes came since it was last found
+        // incomplete (an empty buffer never is).
+        let fresh = |s: &Self| s.inbuf.len() != s.head_tried;
+        let parsed = if fresh(self) {
+            parse_request_into(&self.inbuf, max_head, std::mem::take(cx.headers))
+        } else {
+            Ok(None)
+        };
+        let parsed = match parsed {
             Ok(None) => {
                 progress |= self.read_client(max_head + 1, cx.scratch)?;
-                parse_request_into(&self.inbuf, max_head, std::mem::take(cx.headers))
+                if fresh(self) {
+                    parse_request_into(&self.inbuf, max_head, std::mem::take(cx.headers))
+                } else {
+                    Ok(None)
+                }
             }
             other => other,
+        };
+        self.head_tried = match &parsed {
+            Ok(None) => self.inbuf.len(),
+            _ => 0,
         };
         let head = match parsed {
             Ok(Some(h)) => h,
@@ -387,6 +411,7 @@ impl Session {
             region: cx.region,
             access: &cx.args.admin_access,
             client: self.client_addr.ip(),
+            client_text: &self.client_text,
         };
         let (mut to_up, mut up_in) = std::mem::take(&mut self.spare);
         to_up.clear();
