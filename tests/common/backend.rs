@@ -48,7 +48,13 @@ pub struct Backend {
 impl Backend {
     /// Starts a backend that names itself `name` in its answers.
     pub fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo backend");
+        Backend::start_at(name, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// As [`Backend::start`], on `addr` (to start one again where a stopped
+    /// one was).
+    pub fn start_at(name: &str, addr: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(addr).expect("bind echo backend");
         let addr = listener.local_addr().expect("backend address");
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
