@@ -13,6 +13,7 @@ const OFF_REQUESTS: usize = 16;
 const OFF_CONNECTIONS: usize = 24;
 const OFF_STARTED: usize = 32;
 const OFF_RESTARTS: usize = 40;
+const OFF_ACCEPT_PAUSES: usize = 48;
 
 /// A view of worker slot `index`.
 pub struct WorkerSlot<'r> {
@@ -42,9 +43,20 @@ impl WorkerSlot<'_> {
         self.word(OFF_APPLIED).store(0, Ordering::Relaxed);
         self.word(OFF_REQUESTS).store(0, Ordering::Relaxed);
         self.word(OFF_CONNECTIONS).store(0, Ordering::Relaxed);
+        self.word(OFF_ACCEPT_PAUSES).store(0, Ordering::Relaxed);
         self.word(OFF_STARTED).store(started, Ordering::Relaxed);
         self.word(OFF_RESTARTS).store(restarts, Ordering::Relaxed);
         self.word(OFF_PID).store(u64::from(pid), Ordering::Release);
+    }
+
+    /// Times the worker stopped accepting: at its connection cap, or out
+    /// of descriptors.
+    pub fn accept_pauses(&self) -> u64 {
+        self.word(OFF_ACCEPT_PAUSES).load(Ordering::Relaxed)
+    }
+
+    pub fn count_accept_pause(&self) {
+        self.word(OFF_ACCEPT_PAUSES).fetch_add(1, Ordering::Relaxed);
     }
 
     /// Client connections the worker holds now.

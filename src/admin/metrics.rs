@@ -95,6 +95,7 @@ pub(super) fn answer(store: &Store) -> Answer {
     let requests = Family::<WorkerLabels, Counter>::default();
     let connections = Family::<WorkerLabels, Gauge>::default();
     let restarts = Family::<WorkerLabels, Counter>::default();
+    let pauses = Family::<WorkerLabels, Counter>::default();
     let region = store.region();
     for i in 0..elb_shm::MAX_WORKERS {
         let Some(slot) = region.worker_slot(i).filter(|s| s.pid() != 0) else {
@@ -109,6 +110,7 @@ pub(super) fn answer(store: &Store) -> Answer {
             .get_or_create(&labels)
             .set(i64::try_from(slot.connections()).unwrap_or(i64::MAX));
         restarts.get_or_create(&labels).inc_by(slot.restarts());
+        pauses.get_or_create(&labels).inc_by(slot.accept_pauses());
     }
     registry.register(
         "worker_requests",
@@ -119,6 +121,11 @@ pub(super) fn answer(store: &Store) -> Answer {
         "worker_active_connections",
         "Client connections a worker holds now",
         connections,
+    );
+    registry.register(
+        "worker_accept_pauses",
+        "Times the worker stopped accepting: at [limits] max_connections, or out of descriptors",
+        pauses,
     );
     registry.register(
         "worker_restarts",

@@ -111,6 +111,8 @@ struct FileTimeouts {
 struct FileLimits {
     client_max_body_size: Option<SizeValue>,
     max_header_size: Option<SizeValue>,
+    // Signed, so that a negative value is refused naming the key.
+    max_connections: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +275,15 @@ pub(super) fn apply(s: &mut Settings, path: &str) -> Result<(), SettingsError> {
             }
             s.limits.max_header_size =
                 usize::try_from(size).map_err(|_| invalid(&key, "too large"))?;
+        }
+        if let Some(n) = l.max_connections {
+            s.limits.max_connections =
+                usize::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                    invalid(
+                        &o("limits.max_connections"),
+                        format!("'{n}' must be at least 1"),
+                    )
+                })?;
         }
     }
     if let Some(u) = f.upstream {

@@ -154,6 +154,7 @@ impl Default for Settings {
                 client_max_body_size: 50 << 20,
                 max_header_size: 64 << 10,
                 admin_max_body_size: 64 << 20,
+                max_connections: 16_384,
             },
             upstream: RetryPolicy {
                 tries: 3,
@@ -280,6 +281,11 @@ impl fmt::Display for Settings {
             f,
             "limits.max_header_size = {}",
             self.limits.max_header_size
+        )?;
+        writeln!(
+            f,
+            "limits.max_connections = {}",
+            self.limits.max_connections
         )?;
         writeln!(f, "upstream.tries = {}", self.upstream.tries)?;
         writeln!(

@@ -44,6 +44,9 @@ pub struct Limits {
     /// Bodies of `/__erulb__/` requests, handed to the master
     /// (`[admin_limits] max_body_size`).
     pub admin_max_body_size: u64,
+    /// Client connections one worker holds at once; more wait in the
+    /// listen backlog (`[limits] max_connections`).
+    pub max_connections: usize,
 }
 
 /// When a request goes to another peer.

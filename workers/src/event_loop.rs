@@ -66,6 +66,10 @@ pub(crate) struct Worker {
     headers: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>,
     /// Set on SIGTERM/SIGINT: no new connections, exit once idle.
     draining_until: Option<Instant>,
+    /// Not accepting: at the connection cap, or out of descriptors.
+    accept_paused: bool,
+    /// Out of descriptors: when to try accepting again.
+    accept_retry: Option<Instant>,
     log: Option<AccessLog>,
 }
 
@@ -118,6 +122,8 @@ impl Worker {
             scratch: vec![0; READ_SIZE],
             headers: Vec::new(),
             draining_until: None,
+            accept_paused: false,
+            accept_retry: None,
             log,
         })
     }
@@ -136,9 +142,11 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         loop {
             let now = Instant::now();
-            let timeout = self.timers.timeout(now).map_or(self.log_due(now), |t| {
-                Some(self.log_due(now).map_or(t, |l| l.min(t)))
-            });
+            let retry = self.accept_retry.map(|r| r.saturating_duration_since(now));
+            let timeout = [self.timers.timeout(now), self.log_due(now), retry]
+                .into_iter()
+                .flatten()
+                .min();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -148,6 +156,9 @@ impl Worker {
             // Promptly, even with no request (sessions refresh it too,
             // before routing each request).
             self.config.refresh();
+            if self.accept_retry.is_some_and(|r| Instant::now() >= r) {
+                self.resume_accept();
+            }
             for ev in events.iter() {
                 match ev.token() {
                     WAKE => self.drain_wake(),
@@ -211,6 +222,33 @@ impl Worker {
         Some((log.flushed + access_log::FLUSH_EVERY).saturating_duration_since(now))
     }
 
+    /// Stops taking connections: logged once per pause, counted in the
+    /// worker's slot (`/metrics`).
+    fn pause_accept(&mut self, why: std::fmt::Arguments<'_>) {
+        if !self.accept_paused {
+            self.accept_paused = true;
+            log::warn!(
+                "worker {}: not accepting, {why}; new connections wait in the backlog",
+                self.args.index
+            );
+            if let Some(slot) = self.region.worker_slot(self.args.index) {
+                slot.count_accept_pause();
+            }
+        }
+    }
+
+    /// Takes connections again from every listener's backlog.
+    fn resume_accept(&mut self) {
+        self.accept_paused = false;
+        self.accept_retry = None;
+        for i in 0..self.listeners.len() {
+            self.accept(i);
+            if self.accept_paused {
+                return;
+            }
+        }
+    }
+
     /// The client connections held, in this worker's slot (for `/status`).
     fn count_connections(&self) {
         if let Some(slot) = self.region.worker_slot(self.args.index) {
@@ -258,6 +296,13 @@ impl Worker {
 
     fn accept(&mut self, i: usize) {
         loop {
+            let cap = self.args.limits.max_connections;
+            if self.sessions.len() >= cap {
+                // Leave the rest in the listen backlog: `close` takes them
+                // up as sessions end.
+                self.pause_accept(format_args!("at its cap of {cap} client connections"));
+                return;
+            }
             let Some(listener) = self.listeners.get(i) else {
                 return;
             };
@@ -289,12 +334,16 @@ impl Worker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Out of descriptors, or a connection reset while queued:
-                // leave the rest in the backlog for the next turn.
-                Err(e) => {
-                    log::warn!("accept: {e}");
+                // Out of descriptors: leave the rest in the backlog, and try
+                // again when a session ends or after a while (no busy loop:
+                // the listener stays readable and edge-triggered).
+                Err(e) if is_out_of_fds(&e) => {
+                    self.pause_accept(format_args!("out of descriptors ({e})"));
+                    self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
                     return;
                 }
+                // A connection reset while queued: the next one.
+                Err(e) => log::debug!("accept: {e}"),
             }
         }
     }
@@ -357,7 +406,11 @@ impl Worker {
             if let Some(up) = session.take_upstream() {
                 self.pool.release(up);
             }
+            drop(session);
             self.count_connections();
+            if self.accept_paused {
+                self.resume_accept();
+            }
         }
         // Dropping the session closes the client socket, which also takes
         // it out of epoll: no deregistering call is needed.
@@ -379,6 +432,19 @@ fn signal_fd() -> Result<SignalFd, LoopError> {
     mask.thread_block().map_err(LoopError::Signals)?;
     SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(LoopError::Signals)
+}
+
+/// Wait before accepting again after running out of descriptors.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// `accept` failed for want of descriptors or memory, not for the
+/// connection's sake.
+fn is_out_of_fds(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+    )
 }
 
 #[cfg(test)]

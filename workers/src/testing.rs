@@ -43,6 +43,7 @@ pub(crate) fn args() -> WorkerArgs {
             client_max_body_size: 1 << 20,
             max_header_size: 8 << 10,
             admin_max_body_size: 1 << 20,
+            max_connections: 1024,
         },
         timeouts: Timeouts {
             connect_ms: 5_000,
