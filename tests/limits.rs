@@ -309,3 +309,16 @@ fn a_small_zone_evicts_idle_buckets_and_keeps_the_hot_one_limited() {
     assert_eq!(zone["consistent"], true);
     assert_eq!(elb.workers(), workers, "no worker died");
 }
+
+#[test]
+fn a_huge_key_is_still_limited() {
+    let elb = Elb::builder().workers(2).start();
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    limited(&elb, &a, &b, json!({"rate": "1r/m", "key": "header:X-K"}));
+    let huge = "k".repeat(60_000);
+    let got = statuses(&elb, 3, &[("X-K", &huge)]);
+    assert_eq!(
+        got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [200, 429, 429]
+    );
+}

@@ -12,6 +12,9 @@ use elb_shm::dict::Value;
 
 use crate::rules::{Limit, Verdict};
 
+/// Longest key value kept as it is in a bucket's name.
+const MAX_KEY_BYTES: usize = 256;
+
 // Keys of the dictionary that are not buckets start with 0x01, which no
 // domain name does.
 const REJECTED: &[u8] = b"\x01rejected\x00";
@@ -32,7 +35,18 @@ pub(crate) fn check(
     bucket.push(0);
     bucket.extend_from_slice(l.name.as_bytes());
     bucket.push(0);
-    bucket.extend_from_slice(key);
+    if key.len() <= MAX_KEY_BYTES {
+        bucket.extend_from_slice(key);
+    } else {
+        // A long value (a header can be 64k) is named by its hash, so that
+        // every bucket fits the dictionary and no client escapes its limit
+        // by sending a huge key. `DefaultHasher::new` has fixed keys: every
+        // worker names the same bucket.
+        let mut h = std::hash::DefaultHasher::new();
+        std::hash::Hasher::write(&mut h, key);
+        bucket.extend_from_slice(b"#");
+        bucket.extend_from_slice(&std::hash::Hasher::finish(&h).to_be_bytes());
+    }
     let dict = region.dict();
     let answer = dict.update_int(bucket, |state, now| {
         let (next, verdict) = l.admit(state, now);
