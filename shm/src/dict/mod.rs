@@ -343,19 +343,7 @@ impl Dict<'_> {
                 return Err(DictError::NotFound.into());
             };
             let new = init.checked_add(by).ok_or(DictError::Overflow)?;
-            let value = Value::Int(new);
-            let enc = Enc::new(&value);
-            let out = z.store(
-                key,
-                hash,
-                &enc,
-                class,
-                expiry(now, init_ttl),
-                0,
-                Mode::Set,
-                false,
-                now,
-            )?;
+            let out = store_int(z, key, hash, class, new, expiry(now, init_ttl), now)?;
             Ok((new, out))
         })
     }
@@ -401,19 +389,7 @@ impl Dict<'_> {
                 z.lru_touch(f.item.off)?;
                 return Ok((answer, SetOutcome::default()));
             }
-            let value = Value::Int(new);
-            let enc = Enc::new(&value);
-            let out = z.store(
-                key,
-                hash,
-                &enc,
-                class,
-                expiry(now, ttl),
-                0,
-                Mode::Set,
-                false,
-                now,
-            )?;
+            let out = store_int(z, key, hash, class, new, expiry(now, ttl), now)?;
             Ok((answer, out))
         })
     }
@@ -616,6 +592,30 @@ impl Dict<'_> {
             g: self.geo,
         }
     }
+}
+
+/// Stores a new integer item (`set`, evicting if need be).
+fn store_int(
+    z: &Zone<'_>,
+    key: &[u8],
+    hash: u32,
+    class: u32,
+    n: i64,
+    expires: u64,
+    now: u64,
+) -> Result<SetOutcome, E> {
+    let value = Value::Int(n);
+    z.store(
+        key,
+        hash,
+        &Enc::new(&value),
+        class,
+        expires,
+        0,
+        Mode::Set,
+        false,
+        now,
+    )
 }
 
 fn check_key(key: &[u8]) -> Result<(), DictError> {
