@@ -18,7 +18,7 @@ use slab::Slab;
 
 use crate::access_log::{self, AccessLog};
 use crate::args::WorkerArgs;
-use crate::pool::Pool;
+use crate::pool::{self, Pool};
 use crate::route::Router;
 use crate::session::{Cx, Drive, Session};
 use crate::timers::Timers;
@@ -70,6 +70,8 @@ pub(crate) struct Worker {
     accept_paused: bool,
     /// Out of descriptors: when to try accepting again.
     accept_retry: Option<Instant>,
+    /// When the pool's stale idle connections are closed next.
+    next_trim: Instant,
     log: Option<AccessLog>,
 }
 
@@ -124,6 +126,7 @@ impl Worker {
             draining_until: None,
             accept_paused: false,
             accept_retry: None,
+            next_trim: Instant::now() + pool::TRIM_EVERY,
             log,
         })
     }
@@ -143,7 +146,8 @@ impl Worker {
         loop {
             let now = Instant::now();
             let retry = self.accept_retry.map(|r| r.saturating_duration_since(now));
-            let timeout = [self.timers.timeout(now), self.log_due(now), retry]
+            let trim = Some(self.next_trim.saturating_duration_since(now));
+            let timeout = [self.timers.timeout(now), self.log_due(now), retry, trim]
                 .into_iter()
                 .flatten()
                 .min();
@@ -156,8 +160,13 @@ impl Worker {
             // Promptly, even with no request (sessions refresh it too,
             // before routing each request).
             self.config.refresh();
-            if self.accept_retry.is_some_and(|r| Instant::now() >= r) {
+            let now = Instant::now();
+            if self.accept_retry.is_some_and(|r| now >= r) {
                 self.resume_accept();
+            }
+            if now >= self.next_trim {
+                self.pool.trim(now);
+                self.next_trim = now + pool::TRIM_EVERY;
             }
             for ev in events.iter() {
                 match ev.token() {

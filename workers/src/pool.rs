@@ -23,6 +23,8 @@ const MAX_IDLE_PER_PEER: usize = 256;
 /// An idle connection older than this is not reused (peers commonly close
 /// idle connections after 60 s or more; nginx's keepalive_timeout is 60 s).
 const MAX_IDLE: Duration = Duration::from_secs(50);
+/// How often idle connections past [`MAX_IDLE`] are closed.
+pub(crate) const TRIM_EVERY: Duration = Duration::from_secs(10);
 
 /// Who holds a peer connection.
 enum Owner {
@@ -105,6 +107,24 @@ impl Pool {
         opened
     }
 
+    /// Closes the idle connections too old to be reused, so that a peer
+    /// nobody asks any more does not keep them open for ever (called every
+    /// [`TRIM_EVERY`] by the event loop). Each list is oldest first.
+    pub fn trim(&mut self, now: Instant) {
+        let mut stale = Vec::new();
+        self.idle.retain(|_, list| {
+            let old = list
+                .iter()
+                .take_while(|(_, since)| now.duration_since(*since) > MAX_IDLE)
+                .count();
+            stale.extend(list.drain(..old).map(|(up, _)| up));
+            !list.is_empty()
+        });
+        for up in stale {
+            self.release(up);
+        }
+    }
+
     /// Keeps a connection for reuse (it stays registered).
     pub fn checkin(&mut self, up: UpConn, now: Instant) {
         let Some(addr) = up.addr.filter(|_| up.is_tcp()) else {
@@ -169,6 +189,35 @@ mod tests {
             serve(conn);
         });
         (addr, accepted)
+    }
+
+    #[test]
+    fn idle_connections_past_their_age_are_closed() {
+        use std::io::Read;
+        use std::time::{Duration, Instant};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let poll = mio::Poll::new().expect("poll");
+        let mut pool = super::Pool::new(1000);
+        let now = Instant::now();
+        let old = pool.fresh(addr, 0, poll.registry()).expect("connect");
+        let young = pool.fresh(addr, 1, poll.registry()).expect("connect");
+        let (mut first, _) = listener.accept().expect("accept");
+        let (mut second, _) = listener.accept().expect("accept");
+        pool.checkin(old, now);
+        pool.checkin(young, now + Duration::from_secs(40));
+        pool.trim(now + super::MAX_IDLE + Duration::from_secs(1));
+        // The old one is closed: its peer reads the end; the young one stays.
+        first
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        assert_eq!(first.read(&mut [0u8; 8]).expect("read"), 0);
+        assert_eq!(pool.idle.get(&addr).map(Vec::len), Some(1));
+        second.set_nonblocking(true).expect("nonblocking");
+        assert!(
+            second.read(&mut [0u8; 8]).is_err(),
+            "the young one stays open"
+        );
     }
 
     #[test]
