@@ -21,8 +21,9 @@ const REJECTED: &[u8] = b"\x01rejected\x00";
 const EVICTIONS: &[u8] = b"\x01evictions";
 
 /// The verdict of `l`'s bucket for a request of `domain` keyed by `key`.
-/// `bucket` is the caller's buffer for the dictionary key. A dictionary that cannot answer (it never should)
-/// lets the request pass: a limit is not worth an outage.
+/// `bucket` is the caller's buffer for the dictionary key. A dictionary
+/// that cannot answer (it never should) lets the request pass: a limit is
+/// not worth an outage.
 pub(crate) fn check(
     region: &Region,
     bucket: &mut Vec<u8>,
@@ -59,11 +60,7 @@ pub(crate) fn check(
                 let _ = dict.incr(EVICTIONS, 1, Some(0), None);
             }
             if let Verdict::Over { .. } = verdict {
-                bucket.clear();
-                bucket.extend_from_slice(REJECTED);
-                bucket.extend_from_slice(domain);
-                bucket.push(0);
-                bucket.extend_from_slice(l.name.as_bytes());
+                rejected_key(bucket, domain, l.name.as_bytes());
                 let _ = dict.incr(bucket, 1, Some(0), None);
             }
             verdict
@@ -77,8 +74,18 @@ pub(crate) fn check(
 
 /// Requests the `limit` rule `rule` of `domain` refused, in all workers.
 pub fn rejected(region: &Region, domain: &str, rule: &str) -> u64 {
-    let key = [REJECTED, domain.as_bytes(), b"\0", rule.as_bytes()].concat();
+    let mut key = Vec::new();
+    rejected_key(&mut key, domain.as_bytes(), rule.as_bytes());
     counter(region, &key)
+}
+
+/// The dictionary key of a rule's rejection count, into `buf`.
+fn rejected_key(buf: &mut Vec<u8>, domain: &[u8], rule: &[u8]) {
+    buf.clear();
+    buf.extend_from_slice(REJECTED);
+    buf.extend_from_slice(domain);
+    buf.push(0);
+    buf.extend_from_slice(rule);
 }
 
 /// Buckets evicted while they had not drained, to make room.

@@ -48,13 +48,32 @@ pub fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Appends a complete response with a body to `out`.
 pub fn response(out: &mut Vec<u8>, status: u16, content_type: &str, body: &[u8], keep_alive: bool) {
+    response_with(out, status, content_type, body, keep_alive, None);
+}
+
+/// As [`response`], with `Retry-After` (seconds) when given.
+fn response_with(
+    out: &mut Vec<u8>,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    keep_alive: bool,
+    retry_after: Option<u64>,
+) {
     use std::io::Write;
     status_line(out, status, reason(status).as_bytes());
     // Writing into a Vec cannot fail.
     let _ = write!(
         out,
-        "Server: elb\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
-        body.len(),
+        "Server: elb\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(secs) = retry_after {
+        let _ = write!(out, "Retry-After: {secs}\r\n");
+    }
+    let _ = write!(
+        out,
+        "Connection: {}\r\n\r\n",
         if keep_alive { "keep-alive" } else { "close" },
     );
     out.extend_from_slice(body);
@@ -71,17 +90,8 @@ pub fn error_page(out: &mut Vec<u8>, status: u16, keep_alive: bool) -> usize {
 /// Appends the 429 of a `limit` rule, with `Retry-After` (seconds); returns
 /// its body's length.
 pub fn too_many_requests(out: &mut Vec<u8>, retry_after: u64, keep_alive: bool) -> usize {
-    use std::io::Write;
     const BODY: &[u8] = b"429 Too Many Requests\n";
-    status_line(out, 429, reason(429).as_bytes());
-    // Writing into a Vec cannot fail.
-    let _ = write!(
-        out,
-        "Server: elb\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nRetry-After: {retry_after}\r\nConnection: {}\r\n\r\n",
-        BODY.len(),
-        if keep_alive { "keep-alive" } else { "close" },
-    );
-    out.extend_from_slice(BODY);
+    response_with(out, 429, "text/plain", BODY, keep_alive, Some(retry_after));
     BODY.len()
 }
 
