@@ -9,6 +9,7 @@ mod kubernetes;
 mod listeners;
 mod logging;
 mod peers;
+mod probe;
 mod schedule;
 mod settings;
 mod spawn;
@@ -37,6 +38,13 @@ fn main() -> ExitCode {
     match settings::from_args(args) {
         Ok(Command::Help(text) | Command::Version(text)) => print(&text),
         Ok(Command::Check(s)) => print(&s.to_string()),
+        Ok(Command::Probe(s)) => match probe::admin(&s) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("elb: probe: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Ok(Command::Run(s)) => {
             logging::init("master");
             exit(supervisor::run(*s))

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use common::backend::{Backend, admin_get, get, put_domains, put_upstreams, to_backend};
 use common::etcd::{Etcd, elb_on, rules_to};
-use common::{EVENTUALLY, Elb, HTTP_TIMEOUT, HttpConn, wait_until};
+use common::{EVENTUALLY, Elb, HTTP_TIMEOUT, HttpConn, free_addr, run_elb, wait_until};
 
 fn status(elb: &Elb) -> Value {
     admin_get(elb.admin_addr(), "/__erulb__/status")
@@ -123,5 +123,40 @@ fn status_shows_etcd_up_at_its_revision_and_a_restarted_worker() {
         }),
         "{}",
         status(&elb)
+    );
+}
+
+/// `elb --probe` with `env`: its exit code and what it said on stderr.
+fn probe(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let f = run_elb(&["--probe"], env, EVENTUALLY);
+    (f.code(), f.stderr)
+}
+
+#[test]
+fn probe_exits_0_while_the_admin_api_answers_and_1_when_it_does_not() {
+    let elb = Elb::builder()
+        .env("ELB_ADMIN_ALLOW", "10.0.0.0/8")
+        .env("ELB_ADMIN_TOKEN", "secret")
+        .start();
+    let admin = elb.admin_addr().to_string();
+    // The container's health check: the same settings as the instance.
+    let (code, err) = probe(&[("ELB_ADMIN", &admin), ("ELB_ADMIN_TOKEN", "secret")]);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    assert!(err.is_empty(), "stderr: {err}");
+    // An admin API bound to every address is asked on loopback.
+    let all = format!("0.0.0.0:{}", elb.admin_addr().port());
+    let (code, err) = probe(&[("ELB_ADMIN", &all), ("ELB_ADMIN_TOKEN", "secret")]);
+    assert_eq!(code, Some(0), "stderr: {err}");
+    // Refused (403 without the token) is not up.
+    let (code, err) = probe(&[("ELB_ADMIN", &admin)]);
+    assert_eq!(code, Some(1), "stderr: {err}");
+    assert!(err.contains("answered 'HTTP/1.1 403"), "stderr: {err}");
+    // Nothing listening is not up either, and says where it asked.
+    let nobody = free_addr().to_string();
+    let (code, err) = probe(&[("ELB_ADMIN", &nobody)]);
+    assert_eq!(code, Some(1), "stderr: {err}");
+    assert!(
+        err.contains(&format!("elb: probe: admin API at {nobody}")),
+        "stderr: {err}"
     );
 }

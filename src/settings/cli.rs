@@ -110,6 +110,9 @@ pub(super) struct Cli {
     /// Check the settings, print them, and exit (0 when valid, 2 when not); starts nothing
     #[arg(long)]
     check: bool,
+    /// Ask the running instance's admin API whether it is up: exit 0 when it answers, 1 when not (a container's health check)
+    #[arg(long, conflicts_with = "check")]
+    probe: bool,
 }
 
 /// The command line as read.
@@ -161,6 +164,10 @@ impl Parsed {
 
     pub(super) fn check(&self) -> bool {
         self.cli.check
+    }
+
+    pub(super) fn probe(&self) -> bool {
+        self.cli.probe
     }
 
     /// The flag or the variable a value came from, for messages.

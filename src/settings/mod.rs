@@ -187,6 +187,8 @@ pub enum Command {
     Run(Box<Settings>),
     /// `--check`: print the settings and exit.
     Check(Box<Settings>),
+    /// `--probe`: ask the admin API these settings name whether it is up.
+    Probe(Box<Settings>),
     Help(String),
     Version(String),
 }
@@ -213,6 +215,8 @@ pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Command, Sett
     }
     Ok(if parsed.check() {
         Command::Check(Box::new(s))
+    } else if parsed.probe() {
+        Command::Probe(Box::new(s))
     } else {
         Command::Run(Box::new(s))
     })
