@@ -1,7 +1,8 @@
 //! The manifests in `deploy/`: they parse (Debian's PyYAML, which
 //! `scripts/test` installs), the Role grants list and watch on
 //! endpointslices and nothing more, the DaemonSet runs as the bound
-//! service account with the ConfigMap's file, and that file passes
+//! service account with the ConfigMap's file, as the image's user with
+//! the image's health check, and that file passes
 //! `elb --check` with the in-cluster variables a pod has.
 
 mod common;
@@ -93,6 +94,29 @@ fn the_manifests_grant_only_what_the_source_needs_and_their_config_checks() {
         .as_str()
         .unwrap_or_default();
     assert!(args.contains(&format!("{mount}/elb.toml")), "{args}");
+    // The image's user, and its health check with the same file.
+    let container = &pod["containers"][0];
+    let dockerfile =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"))
+            .expect("Dockerfile");
+    let uid = container["securityContext"]["runAsUser"].to_string();
+    assert!(
+        dockerfile.contains(&format!("--uid {uid} ")),
+        "runAsUser {uid} is not the Dockerfile's user"
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"]["add"],
+        json!(["NET_BIND_SERVICE"])
+    );
+    assert_eq!(
+        container["livenessProbe"]["exec"]["command"],
+        json!([
+            "/usr/local/bin/elb",
+            "--config",
+            format!("{mount}/elb.toml"),
+            "--probe"
+        ])
+    );
 
     // The ConfigMap's file, as a pod would read it.
     let dir = TempDir::new("deploy");
