@@ -91,6 +91,13 @@ pub fn run(settings: Settings) -> i32 {
             listeners: socks.into_iter().map(OwnedFd::from).collect(),
         });
     }
+    let exe = match spawn::Executable::open() {
+        Ok(e) => e,
+        Err(e) => {
+            log::error!("cannot open this binary (/proc/self/exe) to start workers: {e}");
+            return 1;
+        }
+    };
     let private = match private_dir() {
         Ok(d) => d,
         Err(e) => {
@@ -183,6 +190,7 @@ pub fn run(settings: Settings) -> i32 {
         slots,
         signals,
         admin_socket,
+        exe,
     }
     .run();
     let _ = std::fs::remove_dir_all(&private);
@@ -227,6 +235,7 @@ struct Supervisor {
     slots: Vec<Slot>,
     signals: SignalFd,
     admin_socket: PathBuf,
+    exe: spawn::Executable,
 }
 
 impl Supervisor {
@@ -249,7 +258,7 @@ impl Supervisor {
     /// [`WorkerArgs`] names them.
     fn inherited(&self, index: usize) -> Vec<BorrowedFd<'_>> {
         let slot = &self.slots[index];
-        let mut fds = vec![self.region.fd(), slot.wake.as_fd()];
+        let mut fds = vec![self.region.fd(), slot.wake.as_fd(), self.exe.fd()];
         fds.extend(slot.listeners.iter().map(AsFd::as_fd));
         fds
     }
@@ -264,6 +273,7 @@ impl Supervisor {
             master_pid: std::process::id(),
             shm_fd: self.region.fd().as_raw_fd(),
             wake_fd: slot.wake.as_fd().as_raw_fd(),
+            exe_fd: self.exe.fd().as_raw_fd(),
             listen_fds: slot.listeners.iter().map(AsRawFd::as_raw_fd).collect(),
             admin_access: Access {
                 allow: s.admin_allow.clone(),
@@ -291,7 +301,7 @@ impl Supervisor {
                     .map_or(0, |d| d.as_secs());
                 slot.reset(0, unix, self.slots[i].starts);
             }
-            let spawned = spawn::worker(&args, &self.inherited(i));
+            let spawned = spawn::worker(&self.exe, &args, &self.inherited(i));
             let slot = &mut self.slots[i];
             match spawned {
                 Ok(pid) => {

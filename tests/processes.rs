@@ -552,3 +552,22 @@ fn a_crash_looping_worker_is_logged() {
         http_get(elb.listen_addr(), "any.test", "/").expect("a request after the crash loop");
     assert_eq!(status, NO_ROUTE);
 }
+
+/// The master starts workers through a descriptor of its own binary; each
+/// worker closes its inherited copy, and holds nothing of that file.
+#[test]
+fn workers_run_the_masters_binary_and_keep_no_descriptor_of_it() {
+    let elb = Elb::builder().workers(2).start();
+    let binary = std::fs::canonicalize(common::ELB).expect("the elb binary");
+    for w in elb.workers() {
+        let exe = std::fs::read_link(format!("/proc/{w}/exe")).expect("exe");
+        assert_eq!(exe, binary, "worker {w} runs {exe:?}");
+        for fd in std::fs::read_dir(format!("/proc/{w}/fd"))
+            .expect("fds")
+            .flatten()
+        {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            assert_ne!(target, binary, "worker {w} holds {:?}", fd.path());
+        }
+    }
+}

@@ -20,6 +20,9 @@ pub struct WorkerArgs {
     pub shm_fd: i32,
     /// Descriptor of the eventfd the master writes after each publication.
     pub wake_fd: i32,
+    /// Descriptor of the binary the master executed this worker through;
+    /// the worker closes it.
+    pub exe_fd: i32,
     /// Descriptors of this worker's listening sockets.
     pub listen_fds: Vec<i32>,
     /// Who may reach the admin API through the proxy listeners.

@@ -37,6 +37,7 @@ pub(crate) fn adopt(args: &WorkerArgs) -> Result<Resources, InheritError> {
     if nix::unistd::getppid().as_raw() as u32 != args.master_pid {
         return Err(InheritError::Orphaned(args.master_pid));
     }
+    drop(own(args.exe_fd)?);
     let shm = own(args.shm_fd)?;
     let wake = own(args.wake_fd)?;
     let listeners = args
@@ -54,7 +55,7 @@ pub(crate) fn adopt(args: &WorkerArgs) -> Result<Resources, InheritError> {
 
 /// Claims descriptor `fd`, once it is known to be open. The check reads
 /// `/proc/self/fd` (the master re-executes this binary through
-/// `/proc/self/exe`, so `/proc` is there) instead of borrowing a number
+/// `/proc/self/fd`, so `/proc` is there) instead of borrowing a number
 /// that may name nothing.
 fn own(fd: RawFd) -> Result<OwnedFd, InheritError> {
     if fd < 3 || std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err() {

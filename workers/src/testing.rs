@@ -33,6 +33,7 @@ pub(crate) fn args() -> WorkerArgs {
         master_pid: std::process::id(),
         shm_fd: -1,
         wake_fd: -1,
+        exe_fd: -1,
         listen_fds: Vec::new(),
         admin_access: Access {
             allow: Vec::new(),
