@@ -14,6 +14,14 @@
 //! starts when its answer (the acknowledgement) has been read. Then requests
 //! are sent to elb back to back on a keep-alive connection; the clock stops
 //! when the answer to the first request routed the new way has been read.
+//!
+//! With `--under-load SECONDS` it then measures a live change under full
+//! load: `wrk` runs SECONDS against a loaded domain with no update, then
+//! SECONDS again while `--rate` updates a second (100 by default) go
+//! through etcd: the rule and peer flips above, timed the same way, and
+//! between them rewrites of the loaded domain's own rule set and of its
+//! peers' weights. It prints both runs' throughput and failed requests,
+//! and the propagation under load.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -26,6 +34,8 @@ fn main() {
     let mut elb_bin = "target/release/elb".to_string();
     let mut updates = 100usize;
     let mut workers = 2usize;
+    let mut under_load: Option<u64> = None;
+    let mut rate = 100u32;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -42,9 +52,17 @@ fn main() {
                     .and_then(|n| n.parse().ok())
                     .expect("--workers N")
             }
+            "--under-load" => {
+                under_load = Some(
+                    args.next()
+                        .and_then(|n| n.parse().ok())
+                        .expect("--under-load SECONDS"),
+                )
+            }
+            "--rate" => rate = args.next().and_then(|n| n.parse().ok()).expect("--rate N"),
             other => {
                 eprintln!(
-                    "usage: propagation [--elb PATH] [--updates N] [--workers N] (not {other})"
+                    "usage: propagation [--elb PATH] [--updates N] [--workers N] [--under-load SECONDS [--rate N]] (not {other})"
                 );
                 std::process::exit(2);
             }
@@ -194,8 +212,145 @@ fn main() {
                 .collect(),
         );
     }
+    if let Some(secs) = under_load {
+        live_change(&mut etcd, elb_addr, [&a, &b], secs, rate);
+    }
     drop(procs);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What one `wrk` run says.
+struct Load {
+    rps: f64,
+    requests: u64,
+    failed: u64,
+}
+
+fn wrk(elb: SocketAddr, secs: u64) -> Child {
+    Command::new("wrk")
+        .args(["-t2", "-c64", &format!("-d{secs}s"), "-H", "Host: load.bench"])
+        .arg(format!("http://{elb}/"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start wrk (apt-get install wrk)")
+}
+
+fn wrk_result(child: Child) -> Load {
+    let out = child.wait_with_output().expect("wrk output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| -> Option<String> {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix).map(str::to_string))
+    };
+    let rps = field("Requests/sec:").and_then(|v| v.trim().parse().ok());
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok());
+    let (Some(rps), Some(requests)) = (rps, requests) else {
+        panic!("wrk said:\n{text}");
+    };
+    let non_2xx: u64 = field("Non-2xx or 3xx responses:")
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    // "Socket errors: connect 0, read 0, write 0, timeout 0"
+    let socket: u64 = field("Socket errors:")
+        .map(|v| {
+            v.split(',')
+                .filter_map(|p| p.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    Load {
+        rps,
+        requests,
+        failed: non_2xx + socket,
+    }
+}
+
+/// `wrk` on load.bench for `secs` with no update, then again while `rate`
+/// updates a second go through etcd.
+fn live_change(etcd: &mut Http, elb: SocketAddr, [a, b]: [&str; 2], secs: u64, rate: u32) {
+    put(etcd, &format!("/{NAME}/upstreams/ul/{a}"), "");
+    put(etcd, &format!("/{NAME}/upstreams/ul/{b}"), "");
+    put(etcd, &format!("/{NAME}/rules/load.bench"), &rules("ul"));
+    put(etcd, &format!("/{NAME}/rules/rule.bench"), &rules("ua"));
+    put(etcd, &format!("/{NAME}/upstreams/uc/{a}"), "");
+    let mut poll = Poller::new(elb);
+    wait("load.bench routed", Duration::from_secs(5), || {
+        poll.get("load.bench").0 == 200
+    });
+    let quiet = wrk_result(wrk(elb, secs));
+
+    let mut child = wrk(elb, secs);
+    let start = Instant::now();
+    let (mut rule_on_b, mut peer_down) = (false, false);
+    let mut samples = Vec::new();
+    let mut puts = 0u64;
+    while child.try_wait().expect("wrk").is_none() {
+        let due = start + Duration::from_secs_f64(puts as f64 / f64::from(rate));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let (host, key, value, want) = match puts % 4 {
+            0 => {
+                rule_on_b = !rule_on_b;
+                let (up, name) = if rule_on_b { ("ub", "B") } else { ("ua", "A") };
+                let key = format!("/{NAME}/rules/rule.bench");
+                ("rule.bench", key, rules(up), Some(Want::Body(name)))
+            }
+            1 => {
+                peer_down = !peer_down;
+                let key = format!("/{NAME}/upstreams/uc/{a}");
+                let value = if peer_down { "down" } else { "" }.to_string();
+                let want = Want::Status(if peer_down { 502 } else { 200 });
+                ("peer.bench", key, value, Some(want))
+            }
+            // The loaded domain's rule set, rewritten (an equivalent one
+            // under another rule name), and its peers' weights changed.
+            2 => {
+                let key = format!("/{NAME}/rules/load.bench");
+                let value = rules("ul").replace("\"b\"", &format!("\"b{}\"", puts % 8));
+                ("load.bench", key, value, None)
+            }
+            _ => {
+                let key = format!("/{NAME}/upstreams/ul/{a}");
+                ("load.bench", key, format!("weight={}", 1 + puts % 3), None)
+            }
+        };
+        let acked = put(etcd, &key, &value);
+        puts += 1;
+        let Some(want) = want else { continue };
+        let deadline = acked + Duration::from_secs(5);
+        let done = loop {
+            let (status, body) = poll.get(host);
+            let now = Instant::now();
+            if want.matches(status, &body) {
+                break now;
+            }
+            assert!(now < deadline, "{key} not seen within 5 s under load");
+        };
+        samples.push(done - acked);
+    }
+    let busy = wrk_result(child);
+    let took = start.elapsed().as_secs_f64();
+    println!("live change under load (wrk -t2 -c64, {secs} s each, load.bench):");
+    println!(
+        "  no update:  {:>9.0} req/s  {} requests, {} failed",
+        quiet.rps, quiet.requests, quiet.failed
+    );
+    println!(
+        "  {} updates ({:.0}/s): {:>9.0} req/s  {} requests, {} failed  ({:.3} of the run without)",
+        puts,
+        puts as f64 / took,
+        busy.rps,
+        busy.requests,
+        busy.failed,
+        busy.rps / quiet.rps
+    );
+    report("under load", samples);
 }
 
 enum Want {
@@ -228,6 +383,7 @@ fn report(label: &str, mut d: Vec<Duration>) {
 }
 
 fn rules(servername: &str) -> String {
+    // One rule named "b"; live_change renames it to make an equivalent set.
     format!(
         r#"{{"init":"b","rules":{{"b":{{"type":"backend","args":{{"servername":"{servername}"}}}}}}}}"#
     )
