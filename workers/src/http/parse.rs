@@ -426,6 +426,25 @@ mod tests {
             .expect("complete");
         assert_eq!(h.reason, 0..0);
     }
+
+    /// Found by the response_head fuzz target: "055" parsed as 55 and was
+    /// rebuilt for the client as a two-digit status line.
+    #[test]
+    fn a_status_below_100_is_not_a_response() {
+        for raw in [
+            &b"HTTP/1.1 055 X\r\n\r\n"[..],
+            b"HTTP/1.1 000\r\nConnect_on:\n\n",
+        ] {
+            assert_eq!(
+                parse_response(raw, 1 << 16, Vec::new()),
+                Err(ParseError::Malformed("status code"))
+            );
+        }
+        let h = parse_response(b"HTTP/1.1 100 Continue\r\n\r\n", 1 << 16, Vec::new())
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(h.status, 100);
+    }
 }
 
 /// A parsed response head from a peer.
@@ -467,6 +486,12 @@ pub fn parse_response(
     let (Some(status), Some(minor)) = (resp.code, resp.version) else {
         return Err(ParseError::Malformed("status line"));
     };
+    // Three digits, the first a class (RFC 9112 4): "055" parses as 55,
+    // which rebuilt for the client would be a two-digit status line. nginx
+    // refuses a leading 0 the same way.
+    if status < 100 {
+        return Err(ParseError::Malformed("status code"));
+    }
     // The parser gives a static "" for a reason with obs-text: not in `buf`.
     let reason = match resp.reason {
         Some(r) if !r.is_empty() => range_of(buf, r.as_bytes()),

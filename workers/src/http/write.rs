@@ -1,5 +1,7 @@
 //! Writing response heads and small complete responses.
 
+use super::{ResponseHead, is_hop_by_hop};
+
 /// The reason phrase of a status code.
 pub fn reason(status: u16) -> &'static str {
     match status {
@@ -43,6 +45,37 @@ pub fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a peer's answer head for the client, rebuilt from its parsed
+/// parts and never copied: the parser takes a bare LF for a line end, which
+/// the client might not, so raw bytes could carry a line the client reads
+/// otherwise. `connection`: the `Connection` value for a final answer
+/// (`upgrade` for a tunnel); none for an interim one. `decoded`: the body
+/// goes to the client without its chunked framing.
+pub fn client_head(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &ResponseHead,
+    connection: Option<&[u8]>,
+    decoded: bool,
+) {
+    let tunnel = connection == Some(b"upgrade".as_slice());
+    status_line(out, head.status, &buf[head.reason.clone()]);
+    for (n, v) in &head.headers {
+        let name = &buf[n.clone()];
+        if is_hop_by_hop(name, buf, &head.connection)
+            || (!tunnel && name.eq_ignore_ascii_case(b"upgrade"))
+            || (decoded && name.eq_ignore_ascii_case(b"transfer-encoding"))
+        {
+            continue;
+        }
+        header(out, name, &buf[v.clone()]);
+    }
+    if let Some(value) = connection {
+        header(out, b"Connection", value);
+    }
     out.extend_from_slice(b"\r\n");
 }
 

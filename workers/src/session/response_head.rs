@@ -2,7 +2,7 @@
 //! and rebuilt for the client.
 
 use crate::health;
-use crate::http::{self, ResponseHead, parse_response};
+use crate::http::{self, parse_response};
 
 use super::body::Body;
 use super::error::{ErrorKind, ProxyError};
@@ -30,7 +30,7 @@ impl Session {
             // Early Hints) go on, but never to an HTTP/1.0 client (RFC 9110
             // 15.2), which could take one for the answer.
             if head.status != 100 && !x.request.http10 {
-                write_client_head(&mut self.out, &x.up_in, &head, None, false);
+                http::write::client_head(&mut self.out, &x.up_in, &head, None, false);
             }
             x.up_in.drain(..head.len);
             *cx.headers = head.headers;
@@ -72,7 +72,7 @@ impl Session {
             (false, true) => b"keep-alive",
             (false, false) => b"close",
         };
-        write_client_head(
+        http::write::client_head(
             &mut self.out,
             &x.up_in,
             &head,
@@ -88,35 +88,4 @@ impl Session {
         }
         Ok(true)
     }
-}
-
-/// Writes a peer's answer head for the client, rebuilt from its parsed
-/// parts and never copied: the parser takes a bare LF for a line end, which
-/// the client might not, so raw bytes could carry a line the client reads
-/// otherwise. `connection`: the `Connection` value for a final answer
-/// (`upgrade` for a tunnel); none for an interim one. `decoded`: the body
-/// goes to the client without its chunked framing.
-fn write_client_head(
-    out: &mut Vec<u8>,
-    buf: &[u8],
-    head: &ResponseHead,
-    connection: Option<&[u8]>,
-    decoded: bool,
-) {
-    let tunnel = connection == Some(b"upgrade".as_slice());
-    http::write::status_line(out, head.status, &buf[head.reason.clone()]);
-    for (n, v) in &head.headers {
-        let name = &buf[n.clone()];
-        if http::is_hop_by_hop(name, buf, &head.connection)
-            || (!tunnel && name.eq_ignore_ascii_case(b"upgrade"))
-            || (decoded && name.eq_ignore_ascii_case(b"transfer-encoding"))
-        {
-            continue;
-        }
-        http::write::header(out, name, &buf[v.clone()]);
-    }
-    if let Some(value) = connection {
-        http::write::header(out, b"Connection", value);
-    }
-    out.extend_from_slice(b"\r\n");
 }
