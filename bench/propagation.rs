@@ -135,6 +135,7 @@ fn main() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("start {elb_bin}: {e}"));
+    let elb_pid = elb.id();
     procs.0.push(elb);
     let elb_addr: SocketAddr = format!("127.0.0.1:{listen}").parse().expect("addr");
     wait("elb loaded", Duration::from_secs(20), || {
@@ -213,7 +214,7 @@ fn main() {
         );
     }
     if let Some(secs) = under_load {
-        live_change(&mut etcd, elb_addr, [&a, &b], secs, rate);
+        live_change(&mut etcd, elb_addr, elb_pid, [&a, &b], secs, rate);
     }
     drop(procs);
     let _ = std::fs::remove_dir_all(&dir);
@@ -272,7 +273,14 @@ fn wrk_result(child: Child) -> Load {
 
 /// `wrk` on load.bench for `secs` with no update, then again while `rate`
 /// updates a second go through etcd.
-fn live_change(etcd: &mut Http, elb: SocketAddr, [a, b]: [&str; 2], secs: u64, rate: u32) {
+fn live_change(
+    etcd: &mut Http,
+    elb: SocketAddr,
+    master: u32,
+    [a, b]: [&str; 2],
+    secs: u64,
+    rate: u32,
+) {
     put(etcd, &format!("/{NAME}/upstreams/ul/{a}"), "");
     put(etcd, &format!("/{NAME}/upstreams/ul/{b}"), "");
     put(etcd, &format!("/{NAME}/rules/load.bench"), &rules("ul"));
@@ -282,7 +290,9 @@ fn live_change(etcd: &mut Http, elb: SocketAddr, [a, b]: [&str; 2], secs: u64, r
     wait("load.bench routed", Duration::from_secs(5), || {
         poll.get("load.bench").0 == 200
     });
+    let cpu0 = cpu_ticks(master);
     let quiet = wrk_result(wrk(elb, secs));
+    let cpu1 = cpu_ticks(master);
 
     let mut child = wrk(elb, secs);
     let start = Instant::now();
@@ -335,6 +345,7 @@ fn live_change(etcd: &mut Http, elb: SocketAddr, [a, b]: [&str; 2], secs: u64, r
         samples.push(done - acked);
     }
     let busy = wrk_result(child);
+    let cpu2 = cpu_ticks(master);
     let took = start.elapsed().as_secs_f64();
     println!("live change under load (wrk -t2 -c64, {secs} s each, load.bench):");
     println!(
@@ -350,8 +361,48 @@ fn live_change(etcd: &mut Http, elb: SocketAddr, [a, b]: [&str; 2], secs: u64, r
         busy.failed,
         busy.rps / quiet.rps
     );
+    // etcd, this program's puts and polls, and wrk share the machine with
+    // elb: the CPU elb itself spent per request says what the updates cost
+    // it, apart from what they cost the others.
+    let per_request = |(m0, w0): (u64, u64), (m1, w1): (u64, u64), requests: u64| {
+        let us = |t: u64| t as f64 * 1e6 / USER_HZ / requests as f64;
+        (us(w1 - w0), us(m1 - m0))
+    };
+    let (qw, qm) = per_request(cpu0, cpu1, quiet.requests);
+    let (bw, bm) = per_request(cpu1, cpu2, busy.requests);
+    println!(
+        "  elb's own CPU per request: workers {qw:.2} µs without updates, {bw:.2} µs with ({:.3}); master {qm:.2} µs, {bm:.2} µs",
+        bw / qw
+    );
     report("under load", samples);
 }
+
+/// User + system clock ticks of the master and of its workers.
+fn cpu_ticks(master: u32) -> (u64, u64) {
+    let ticks = |pid: &str| -> Option<(u64, u32)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = stat.rsplit_once(") ")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        let t = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        Some((t, ppid))
+    };
+    let mut workers = 0;
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let name = entry.file_name();
+        if let Some((t, ppid)) = ticks(&name.to_string_lossy())
+            && ppid == master
+        {
+            workers += t;
+        }
+    }
+    let own = ticks(&master.to_string()).map_or(0, |(t, _)| t);
+    (own, workers)
+}
+
+/// Clock ticks per second of /proc's times (USER_HZ: 100 on Linux,
+/// whatever the kernel's own tick rate).
+const USER_HZ: f64 = 100.0;
 
 enum Want {
     Body(&'static str),
