@@ -1,12 +1,15 @@
 //! `[limits] max_connections`: a worker at its cap leaves new connections
 //! in the listen backlog (they are not refused, and no descriptor is
 //! spent on them) and takes them up as its sessions end; the pause is
-//! logged once and counted in `/metrics`.
+//! logged once and counted in `/metrics`. The pool of idle connections to
+//! a peer is capped too: past it the oldest are closed, logged once and
+//! counted.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use serde_json::json;
@@ -79,4 +82,82 @@ fn a_worker_at_its_cap_leaves_new_clients_waiting_then_serves_them() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert!(pauses >= 1.0, "{metrics}");
+}
+
+/// Idle connections ELB keeps per peer in a worker (`workers/src/pool.rs`).
+const POOL_CAP: usize = 256;
+
+/// A peer that answers each request on its connection only once `clients`
+/// requests are open at once, so that each took a connection of its own.
+fn peer_holding_until(clients: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let all_in = Arc::new(Barrier::new(clients));
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let all_in = all_in.clone();
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().expect("clone");
+                let mut r = BufReader::new(conn);
+                let mut line = String::new();
+                let mut first = true;
+                // Heads only (GET): until the blank line, then answer.
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if line == "\r\n" {
+                        if first {
+                            all_in.wait();
+                            first = false;
+                        }
+                        let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if w.write_all(ok.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn past_the_pool_cap_idle_peer_connections_are_closed_logged_once_and_counted() {
+    let clients = POOL_CAP + 20;
+    let elb = Elb::builder().workers(1).start();
+    let peer = peer_holding_until(clients);
+    put_upstreams(elb.admin_addr(), &json!({"web": {peer: ""}}));
+    put_domains(elb.admin_addr(), &json!({"pool.test": to_backend("web")}));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let addr = elb.listen_addr();
+            std::thread::spawn(move || {
+                let mut c = HttpConn::connect(addr, EVENTUALLY).expect("connect");
+                c.request("GET", "pool.test", "/", &[], b"")
+                    .map(|r| r.status)
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().expect("client").expect("answer"), 200);
+    }
+    let evicted = || -> f64 {
+        admin(elb.admin_addr(), "GET", "/__erulb__/metrics", None)
+            .text
+            .lines()
+            .filter(|l| l.starts_with("elb_worker_pool_evictions_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // Every connection went back to the pool; those past the cap closed.
+    assert!(
+        wait_until(EVENTUALLY, || evicted() == (clients - POOL_CAP) as f64),
+        "evictions: {}",
+        evicted()
+    );
+    let logged = elb
+        .stderr()
+        .matches("pool of idle connections is at its cap")
+        .count();
+    assert_eq!(logged, 1, "{}", elb.stderr());
 }

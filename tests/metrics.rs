@@ -104,6 +104,10 @@ fn metrics_parse_and_count_exactly() {
     );
     let workers = values(&samples, "elb_worker_requests_total", "worker");
     assert_eq!(workers.len(), 2, "{samples:?}");
+    // Two peers, a few connections each: no pool reached its cap.
+    let evictions = values(&samples, "elb_worker_pool_evictions_total", "worker");
+    assert_eq!(evictions.len(), 2, "{samples:?}");
+    assert!(evictions.values().all(|&n| n == 0.0), "{samples:?}");
 
     let healthy = values(&samples, "elb_peer_healthy", "peer");
     assert_eq!(healthy.get(&a.host_port()), Some(&1.0), "{samples:?}");

@@ -14,6 +14,7 @@ const OFF_CONNECTIONS: usize = 24;
 const OFF_STARTED: usize = 32;
 const OFF_RESTARTS: usize = 40;
 const OFF_ACCEPT_PAUSES: usize = 48;
+const OFF_POOL_EVICTIONS: usize = 56;
 
 /// A view of worker slot `index`.
 pub struct WorkerSlot<'r> {
@@ -44,6 +45,7 @@ impl WorkerSlot<'_> {
         self.word(OFF_REQUESTS).store(0, Ordering::Relaxed);
         self.word(OFF_CONNECTIONS).store(0, Ordering::Relaxed);
         self.word(OFF_ACCEPT_PAUSES).store(0, Ordering::Relaxed);
+        self.word(OFF_POOL_EVICTIONS).store(0, Ordering::Relaxed);
         self.word(OFF_STARTED).store(started, Ordering::Relaxed);
         self.word(OFF_RESTARTS).store(restarts, Ordering::Relaxed);
         self.word(OFF_PID).store(u64::from(pid), Ordering::Release);
@@ -57,6 +59,16 @@ impl WorkerSlot<'_> {
 
     pub fn count_accept_pause(&self) {
         self.word(OFF_ACCEPT_PAUSES).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Idle peer connections the worker closed at its per-peer pool cap.
+    pub fn pool_evictions(&self) -> u64 {
+        self.word(OFF_POOL_EVICTIONS).load(Ordering::Relaxed)
+    }
+
+    pub fn count_pool_evictions(&self, n: u64) {
+        self.word(OFF_POOL_EVICTIONS)
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     /// Client connections the worker holds now.

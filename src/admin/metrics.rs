@@ -96,6 +96,7 @@ pub(super) fn answer(store: &Store) -> Answer {
     let connections = Family::<WorkerLabels, Gauge>::default();
     let restarts = Family::<WorkerLabels, Counter>::default();
     let pauses = Family::<WorkerLabels, Counter>::default();
+    let evictions = Family::<WorkerLabels, Counter>::default();
     let region = store.region();
     for i in 0..elb_shm::MAX_WORKERS {
         let Some(slot) = region.worker_slot(i).filter(|s| s.pid() != 0) else {
@@ -111,6 +112,9 @@ pub(super) fn answer(store: &Store) -> Answer {
             .set(i64::try_from(slot.connections()).unwrap_or(i64::MAX));
         restarts.get_or_create(&labels).inc_by(slot.restarts());
         pauses.get_or_create(&labels).inc_by(slot.accept_pauses());
+        evictions
+            .get_or_create(&labels)
+            .inc_by(slot.pool_evictions());
     }
     registry.register(
         "worker_requests",
@@ -126,6 +130,11 @@ pub(super) fn answer(store: &Store) -> Answer {
         "worker_accept_pauses",
         "Times the worker stopped accepting: at [limits] max_connections, or out of descriptors",
         pauses,
+    );
+    registry.register(
+        "worker_pool_evictions",
+        "Idle peer connections closed because a peer's pool in the worker was at its cap",
+        evictions,
     );
     registry.register(
         "worker_restarts",

@@ -68,6 +68,8 @@ pub(crate) struct Worker {
     draining_until: Option<Instant>,
     /// Not accepting: at the connection cap, or out of descriptors.
     accept_paused: bool,
+    /// The per-peer pool cap was hit (logged once per worker).
+    pool_cap_logged: bool,
     /// Out of descriptors: when to try accepting again.
     accept_retry: Option<Instant>,
     /// When the pool's stale idle connections are closed next.
@@ -125,6 +127,7 @@ impl Worker {
             headers: Vec::new(),
             draining_until: None,
             accept_paused: false,
+            pool_cap_logged: false,
             accept_retry: None,
             next_trim: Instant::now() + pool::TRIM_EVERY,
             log,
@@ -200,6 +203,10 @@ impl Worker {
                 }
             }
             self.expire_timers(Instant::now());
+            let evicted = self.pool.take_evicted();
+            if evicted > 0 {
+                self.count_pool_evictions(evicted);
+            }
             if let Some(log) = &mut self.log
                 && log.has_lines()
                 && log.flushed.elapsed() >= access_log::FLUSH_EVERY
@@ -255,6 +262,22 @@ impl Worker {
             if self.accept_paused {
                 return;
             }
+        }
+    }
+
+    /// Idle peer connections closed at the pool's cap: logged the first
+    /// time, counted in the worker's slot (`/metrics`).
+    fn count_pool_evictions(&mut self, n: u64) {
+        if !self.pool_cap_logged {
+            self.pool_cap_logged = true;
+            log::warn!(
+                "worker {}: a peer's pool of idle connections is at its cap of {}; the oldest are closed (elb_worker_pool_evictions_total)",
+                self.args.index,
+                pool::MAX_IDLE_PER_PEER
+            );
+        }
+        if let Some(slot) = self.region.worker_slot(self.args.index) {
+            slot.count_pool_evictions(n);
         }
     }
 

@@ -19,7 +19,7 @@ use slab::Slab;
 use crate::upstream_conn::UpConn;
 
 /// Idle connections kept per peer (nginx's `keepalive` is per worker too).
-const MAX_IDLE_PER_PEER: usize = 256;
+pub(crate) const MAX_IDLE_PER_PEER: usize = 256;
 /// An idle connection older than this is not reused (peers commonly close
 /// idle connections after 60 s or more; nginx's keepalive_timeout is 60 s).
 const MAX_IDLE: Duration = Duration::from_secs(50);
@@ -36,6 +36,9 @@ pub(crate) struct Pool {
     base: usize,
     owners: Slab<Owner>,
     idle: HashMap<SocketAddr, Vec<(UpConn, Instant)>>,
+    /// Idle connections closed to make room under [`MAX_IDLE_PER_PEER`],
+    /// not yet taken by [`Pool::take_evicted`].
+    evicted: u64,
 }
 
 impl Pool {
@@ -45,6 +48,7 @@ impl Pool {
             base,
             owners: Slab::new(),
             idle: HashMap::new(),
+            evicted: 0,
         }
     }
 
@@ -137,8 +141,14 @@ impl Pool {
         let evicted = (list.len() >= MAX_IDLE_PER_PEER).then(|| list.remove(0).0);
         list.push((up, now));
         if let Some(old) = evicted {
+            self.evicted += 1;
             self.release(old);
         }
+    }
+
+    /// How many idle connections the cap closed since the last call.
+    pub fn take_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.evicted)
     }
 
     /// Closes a connection (closing the socket also takes it out of epoll).
@@ -218,6 +228,26 @@ mod tests {
             second.read(&mut [0u8; 8]).is_err(),
             "the young one stays open"
         );
+    }
+
+    #[test]
+    fn past_the_cap_per_peer_the_oldest_idle_connection_is_closed_and_counted() {
+        use std::time::Instant;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let poll = mio::Poll::new().expect("poll");
+        let mut pool = super::Pool::new(1000);
+        let now = Instant::now();
+        for key in 0..=super::MAX_IDLE_PER_PEER {
+            let up = pool.fresh(addr, key, poll.registry()).expect("connect");
+            pool.checkin(up, now);
+        }
+        assert_eq!(
+            pool.idle.get(&addr).map(Vec::len),
+            Some(super::MAX_IDLE_PER_PEER)
+        );
+        assert_eq!(pool.take_evicted(), 1);
+        assert_eq!(pool.take_evicted(), 0, "taken once");
     }
 
     #[test]
