@@ -1082,6 +1082,22 @@ fn serve_conn(shared: Arc<Shared>, sock: TcpStream) {
     let _ = tls.sock.shutdown(std::net::Shutdown::Both);
 }
 
+/// Appends what the client sent next to `buf`; false when the connection
+/// ended or the server is stopping (a read timeout is only a tick to look
+/// at that).
+fn read_more(shared: &Shared, tls: &mut Tls, buf: &mut Vec<u8>) -> io::Result<bool> {
+    let mut chunk = [0u8; 16384];
+    match tls.read(&mut chunk) {
+        Ok(0) => Ok(false),
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(true)
+        }
+        Err(e) if is_tick(&e) => Ok(!shared.quitting()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads one request head (and skips a Content-Length body). None: the
 /// connection ended, or the server is stopping or down.
 fn read_request(shared: &Shared, tls: &mut Tls, buf: &mut Vec<u8>) -> io::Result<Option<Request>> {
@@ -1089,19 +1105,8 @@ fn read_request(shared: &Shared, tls: &mut Tls, buf: &mut Vec<u8>) -> io::Result
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i;
         }
-        if buf.len() > MAX_HEAD {
+        if buf.len() > MAX_HEAD || !read_more(shared, tls, buf)? {
             return Ok(None);
-        }
-        let mut chunk = [0u8; 16384];
-        match tls.read(&mut chunk) {
-            Ok(0) => return Ok(None),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if is_tick(&e) => {
-                if shared.quitting() {
-                    return Ok(None);
-                }
-            }
-            Err(e) => return Err(e),
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
@@ -1119,16 +1124,8 @@ fn read_request(shared: &Shared, tls: &mut Tls, buf: &mut Vec<u8>) -> io::Result
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     while buf.len() < body_len {
-        let mut chunk = [0u8; 16384];
-        match tls.read(&mut chunk) {
-            Ok(0) => return Ok(None),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if is_tick(&e) => {
-                if shared.quitting() {
-                    return Ok(None);
-                }
-            }
-            Err(e) => return Err(e),
+        if !read_more(shared, tls, buf)? {
+            return Ok(None);
         }
     }
     buf.drain(..body_len);
@@ -1872,22 +1869,9 @@ fn parse_response(raw: &[u8]) -> io::Result<Response> {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| bad("no complete response head"))?;
-    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut r = Response::head(&String::from_utf8_lossy(&raw[..end]))?;
     let mut body = raw[end + 4..].to_vec();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default().to_string();
-    let status = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("bad status line"))?;
-    let reason = parts.next().unwrap_or_default().to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    if super::header(&headers, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+    if super::header(&r.headers, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         let mut out = Vec::new();
         let mut rest = &body[..];
         loop {
@@ -1909,17 +1893,13 @@ fn parse_response(raw: &[u8]) -> io::Result<Response> {
             rest = &rest[size + 2..];
         }
         body = out;
-    } else if let Some(len) = super::header(&headers, "content-length").and_then(|l| l.parse().ok())
+    } else if let Some(len) =
+        super::header(&r.headers, "content-length").and_then(|l| l.parse().ok())
     {
         body.truncate(len);
     }
-    Ok(Response {
-        version,
-        status,
-        reason,
-        headers,
-        body,
-    })
+    r.body = body;
+    Ok(r)
 }
 
 /// The events of a watch body (one JSON object per line).

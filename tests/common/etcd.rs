@@ -8,7 +8,6 @@
 //! runtime) to write test data: single puts and deletes, and many keys at
 //! once in transactions of up to 128 operations, several in flight.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -16,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions, DeleteOptions, GetOptions, Txn, TxnOp};
 
-use super::{Capture, free_port, http_get_timeout, wait_until};
+use super::{Capture, dies_with_the_test, free_port, http_get_timeout, wait_until};
 
 /// How long a member may take to report healthy.
 pub const ETCD_READY: Duration = Duration::from_secs(20);
@@ -160,23 +159,7 @@ impl Etcd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe; the member dies with the
-        // test's thread if the test process dies without unwinding.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        dies_with_the_test(&mut cmd);
         let mut child = cmd.spawn().expect("start etcd (is etcd-server installed?)");
         m.log = child.stderr.take().map(Capture::start);
         m.child = Some(child);

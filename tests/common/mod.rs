@@ -232,9 +232,16 @@ fn command(args: &[String], env: &[(String, String)]) -> Command {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    // If the test process dies without unwinding (killed, aborted), the
-    // master dies with it (and its workers with the master). The signal is
-    // tied to the forking thread, which is the test's: it outlives the guard.
+    dies_with_the_test(&mut cmd);
+    cmd
+}
+
+/// `cmd`'s process gets SIGKILL when the thread that spawned it ends, so
+/// a test process that dies without unwinding (killed, aborted) takes it
+/// along: an `elb` master (and with it its workers), etcd, kubectl. The
+/// signal is tied to the spawning thread, the test's, which outlives the
+/// process's guard.
+pub fn dies_with_the_test(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of ours.
     unsafe {
         cmd.pre_exec(|| {
@@ -251,7 +258,6 @@ fn command(args: &[String], env: &[(String, String)]) -> Command {
             Ok(())
         });
     }
-    cmd
 }
 
 /// How an `elb` run that was expected to end, ended.
@@ -707,6 +713,38 @@ pub struct Response {
 }
 
 impl Response {
+    /// A response head (without its blank line), its body still empty.
+    pub fn head(head: &str) -> io::Result<Response> {
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let mut parts = status_line.splitn(3, ' ');
+        let version = parts.next().unwrap_or_default().to_string();
+        let status = parts
+            .next()
+            .and_then(|s| s.parse::<u16>().ok())
+            .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+        let reason = parts.next().unwrap_or_default().to_string();
+        if !version.starts_with("HTTP/") {
+            return Err(bad(format!("bad status line {status_line:?}")));
+        }
+        let mut headers = Vec::new();
+        for l in lines {
+            let (k, v) = l
+                .split_once(':')
+                .ok_or_else(|| bad(format!("bad header line {l:?}")))?;
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        Ok(Response {
+            version,
+            status,
+            reason,
+            headers,
+            body: Vec::new(),
+        })
+    }
+}
+
+impl Response {
     /// The first header of that name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         header(&self.headers, name)
@@ -820,34 +858,17 @@ impl HttpConn {
         };
         let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
         self.buf.drain(..head_end + 4);
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or_default();
-        let mut parts = status_line.splitn(3, ' ');
-        let version = parts.next().unwrap_or_default().to_string();
-        let status = parts
-            .next()
-            .and_then(|s| s.parse::<u16>().ok())
-            .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
-        let reason = parts.next().unwrap_or_default().to_string();
-        if !version.starts_with("HTTP/") {
-            return Err(bad(format!("bad status line {status_line:?}")));
-        }
-        let mut headers = Vec::new();
-        for l in lines {
-            let (k, v) = l
-                .split_once(':')
-                .ok_or_else(|| bad(format!("bad header line {l:?}")))?;
-            headers.push((k.trim().to_string(), v.trim().to_string()));
-        }
+        let mut r = Response::head(&head)?;
+        let status = r.status;
         let no_body =
             method.eq_ignore_ascii_case("HEAD") || status < 200 || status == 204 || status == 304;
-        let body = if no_body {
+        r.body = if no_body {
             Vec::new()
-        } else if header(&headers, "transfer-encoding")
+        } else if header(&r.headers, "transfer-encoding")
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
         {
             self.read_chunked()?
-        } else if let Some(len) = header(&headers, "content-length") {
+        } else if let Some(len) = header(&r.headers, "content-length") {
             let len: usize = len
                 .parse()
                 .map_err(|_| bad(format!("bad Content-Length {len:?}")))?;
@@ -856,13 +877,7 @@ impl HttpConn {
             while self.fill()? > 0 {}
             std::mem::take(&mut self.buf)
         };
-        Ok(Response {
-            version,
-            status,
-            reason,
-            headers,
-            body,
-        })
+        Ok(r)
     }
 
     /// True if the peer has closed the connection (EOF or reset) within the
