@@ -247,11 +247,6 @@ def misses(keep):
     ]
 
 
-def section(phase):
-    path = os.path.join(PUB, phase, "report.md")
-    return open(path).read() if os.path.exists(path) else None
-
-
 def text(name):
     path = os.path.join(PUB, name)
     return open(path).read().strip() if os.path.exists(path) else None
@@ -335,7 +330,7 @@ def main():
             md += [f"## {title}", "", "```", t, "```", ""]
     md += ["## Every run", ""]
     for title, phase in [("keep-alive", "keepalive"), ("Connection: close", "close"), ("constant rate", "rate")]:
-        s = section(phase)
+        s = text(os.path.join(phase, "report.md"))
         if s:
             md += [f"<details><summary>bench/run report: {title}</summary>", "", s.replace("# ELB vs nginx vs HAProxy", "").strip(), "", "</details>", ""]
     open(os.path.join(ROOT, "BENCHMARKS.md"), "w").write("\n".join(md))

@@ -1,5 +1,7 @@
-# Shared by scripts/run and scripts/test: installs the Debian packages named,
-# when their command is missing. Usage: need_packages cmd:package ...
+# Shared by the scripts of scripts/ and bench/.
+
+# Installs the Debian packages named, when their command is missing.
+# Usage: need_packages cmd:package ...
 need_packages() {
   local missing=() pair
   for pair in "$@"; do
@@ -22,4 +24,24 @@ need_python_modules() {
     /usr/bin/python3 -c "import ${pair%%:*}" >/dev/null 2>&1 ||
       need_packages "__missing_module_${pair%%:*}:${pair#*:}"
   done
+}
+
+# A free TCP port on 127.0.0.1; with "low", one below 1024 (80 when free),
+# which only a process allowed to bind such ports can take.
+free_port() {
+  python3 - "${1:-}" <<'PY'
+import random, socket, sys
+low = sys.argv[1] == "low"
+ports = [80] + random.sample(range(600, 1000), 100) if low else [0]
+for p in ports:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+        print(s.getsockname()[1])
+        break
+    except OSError:
+        pass
+    finally:
+        s.close()
+PY
 }
